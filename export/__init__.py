@@ -1,0 +1,1 @@
+"""Export, training and evaluation toolchain (needs the [export] extra: torch, transformers, onnx)."""

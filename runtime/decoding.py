@@ -1,0 +1,199 @@
+"""Greedy and beam search over a KV-cached decoder step, with ``transformers.generate()`` semantics.
+
+Every rule here mirrors transformers 4.57's ``_sample`` (greedy) and vectorised ``_beam_search``
+so that the same weights give the same tokens: log-softmax before the logits processors in beam
+search, raw logits in greedy, length penalty over the generated length including EOS, the
+early-stopping heuristic, and float32 arithmetic throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .manifest import GenerationOptions
+from .step import GraphRunner
+
+NEG = np.float32(-1.0e9)  # transformers' "never pick this" offset
+
+
+@dataclass
+class Hypothesis:
+    """One finished caption in decoder ids (EOS included when the model emitted it)."""
+
+    token_ids: list[int]
+    score: float
+
+
+# ---------------------------------------------------------------- logits processors
+
+
+def process_scores(scores: np.ndarray, sequences: np.ndarray, options: GenerationOptions,
+                   eos_id: int, prompt_len: int = 1) -> np.ndarray:
+    """Apply repetition penalty, n-gram blocking and min-new-tokens in place.
+
+    scores [rows, vocab] float32; sequences [rows, cur_len] (decoder start token included, as
+    transformers sees them).
+    """
+    if options.repetition_penalty != 1.0:
+        penalty = np.float32(options.repetition_penalty)
+        for row, seq in zip(scores, sequences):
+            seen = np.unique(seq)
+            values = row[seen]
+            row[seen] = np.where(values < 0, values * penalty, values / penalty)
+    n = options.no_repeat_ngram_size
+    if n > 0 and sequences.shape[1] + 1 >= n:
+        for row, seq in zip(scores, sequences.tolist()):
+            row[banned_ngram_tokens(seq, n)] = -np.inf
+    if sequences.shape[1] - prompt_len < options.min_new_tokens:
+        scores[:, eos_id] = -np.inf
+    return scores
+
+
+def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in ``seq``."""
+    prefix = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+# ---------------------------------------------------------------- greedy
+
+
+def greedy_search(runner: GraphRunner, cross: list[np.ndarray], options: GenerationOptions,
+                  start_id: int, eos_id: int) -> list[Hypothesis]:
+    """Argmax decoding for a batch of images. Finished rows leave the batch (their tokens no
+    longer matter), so later steps only pay for captions still being written."""
+    batch = cross[0].shape[0]
+    state = runner.start(cross)
+    sequences = np.full((batch, 1), start_id, dtype=np.int64)
+    active = np.arange(batch)  # image index of each row still in the state
+    done: dict[int, Hypothesis] = {}
+    logprob_sums = np.zeros(batch, np.float64)
+    for _ in range(options.max_new_tokens):
+        logits = runner.step(state, sequences[active, -1])
+        log_probs = log_softmax(logits)  # before the processors edit logits in place
+        tokens = process_scores(logits, sequences[active], options, eos_id).argmax(axis=-1)
+        logprob_sums[active] += log_probs[np.arange(len(active)), tokens]
+        column = np.full((batch, 1), eos_id, dtype=np.int64)  # finished rows pad with EOS
+        column[active, 0] = tokens
+        sequences = np.concatenate([sequences, column], axis=1)
+        finished = tokens == eos_id
+        for row in np.flatnonzero(finished):
+            done[int(active[row])] = _hypothesis(sequences[active[row]], logprob_sums[active[row]], eos_id)
+        if finished.all():
+            break
+        if finished.any():
+            keep = np.flatnonzero(~finished)
+            runner.select(state, keep)
+            active = active[keep]
+    for image in active:
+        done[int(image)] = _hypothesis(sequences[image], logprob_sums[image], eos_id)
+    return [done[i] for i in range(batch)]
+
+
+def _hypothesis(sequence: np.ndarray, logprob_sum: float, eos_id: int) -> Hypothesis:
+    tokens = sequence[1:].tolist()
+    if eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id) + 1]
+    # Greedy's score: mean log-probability per generated token (higher is more confident).
+    return Hypothesis(tokens, float(logprob_sum) / max(1, len(tokens)))
+
+
+# ---------------------------------------------------------------- beam search
+
+
+def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: GenerationOptions,
+                start_id: int, eos_id: int) -> list[Hypothesis]:
+    """Beam search with transformers' scoring and stopping rules, for a batch of images."""
+    batch, beams = cross[0].shape[0], options.num_beams
+    keep = 2 * beams  # candidates per image: enough that `beams` survive even if all EOS
+    max_length = 1 + options.max_new_tokens  # sequences include the decoder start token
+    penalty, early = options.length_penalty, options.early_stopping
+
+    state = runner.start(cross, repeats=beams)  # cross K/V expanded once, never recomputed
+    running = np.full((batch, beams, max_length), eos_id, dtype=np.int64)
+    running[:, :, 0] = start_id
+    running_scores = np.zeros((batch, beams), np.float32)
+    running_scores[:, 1:] = NEG  # all beams start identical: only the first may expand
+    finished = running.copy()
+    finished_scores = np.full((batch, beams), NEG, np.float32)
+    is_finished = np.zeros((batch, beams), bool)
+    improvable = np.ones(batch, bool)  # transformers' is_early_stop_heuristic_unsatisfied
+    top_mask = np.arange(keep) < beams
+    batch_rows = np.arange(batch)[:, None]
+
+    cur_len = 1
+    while True:
+        logits = runner.step(state, running[:, :, cur_len - 1].reshape(-1))
+        flat_seqs = running[:, :, :cur_len].reshape(batch * beams, cur_len)
+        log_probs = process_scores(log_softmax(logits), flat_seqs, options, eos_id)
+        vocab = log_probs.shape[-1]
+        totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
+
+        # The best `keep` continuations over all beams of each image.
+        top = _topk(totals, keep)
+        top_scores = np.take_along_axis(totals, top, axis=1)
+        origin, tokens = top // vocab, top % vocab
+        candidates = running[batch_rows, origin]  # [batch, keep, max_length]
+        candidates[:, :, cur_len] = tokens
+        hits_end = (tokens == eos_id) | (cur_len + 1 >= max_length)
+
+        # Next running beams: the best candidates that did not just end.
+        alive_scores = top_scores + hits_end.astype(np.float32) * NEG
+        survivors = _topk(alive_scores, beams)
+        running = np.take_along_axis(candidates, survivors[:, :, None], axis=1)
+        running_scores = np.take_along_axis(alive_scores, survivors, axis=1)
+        parents = np.take_along_axis(origin, survivors, axis=1)
+
+        # Finished hypotheses: only endings among the top `beams` candidates count.
+        just_ended = hits_end & top_mask[None, :]
+        ended_scores = top_scores / np.float32((cur_len + 1 - 1) ** penalty)
+        full = is_finished.all(axis=1, keepdims=True) & (early is True)
+        ended_scores = ended_scores + full.astype(np.float32) * NEG
+        ended_scores = ended_scores + (~improvable[:, None]).astype(np.float32) * NEG
+        ended_scores = ended_scores + (~just_ended).astype(np.float32) * NEG
+        merged_scores = np.concatenate([finished_scores, ended_scores], axis=1)
+        best = _topk(merged_scores, beams)
+        finished = np.take_along_axis(np.concatenate([finished, candidates], axis=1), best[:, :, None], axis=1)
+        finished_scores = np.take_along_axis(merged_scores, best, axis=1)
+        is_finished = np.take_along_axis(np.concatenate([is_finished, just_ended], axis=1), best, axis=1)
+
+        runner.select(state, (parents + np.arange(batch)[:, None] * beams).reshape(-1), cross_too=False)
+        cur_len += 1
+
+        # Can any running beam still beat the worst finished one?
+        if early == "never" and penalty > 0.0:
+            best_length = max_length - 1
+        else:
+            best_length = cur_len - 1
+        best_possible = running_scores[:, 0] / np.float32(best_length**penalty)
+        worst = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), NEG)
+        improvable &= (best_possible[:, None] > worst).any(axis=1)
+
+        all_closed = is_finished.all() and early is True
+        if not improvable.any() or all_closed or hits_end.all():
+            break
+
+    results = []
+    for image in range(batch):
+        tokens = finished[image, 0, 1:].tolist()
+        if eos_id in tokens:
+            tokens = tokens[: tokens.index(eos_id) + 1]
+        results.append(Hypothesis(tokens, float(finished_scores[image, 0])))
+    return results
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, best first. argpartition keeps this O(vocab) per step."""
+    if k < scores.shape[1]:
+        candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.argsort(-np.take_along_axis(scores, candidates, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1)

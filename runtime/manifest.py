@@ -1,0 +1,122 @@
+"""The manifest: a versioned JSON file that says what an export directory holds and how to run it.
+
+Export writes it; the runtime reads nothing else to know shapes, tokens, preprocessing and
+generation defaults. Unknown future versions are refused rather than half-understood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "edgecap"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels are prepared, in the order applied: resize, rescale, normalize (per channel)."""
+
+    height: int
+    width: int
+    resample: str = "bilinear"  # PIL filter name: nearest, bilinear, bicubic, lanczos, box, hamming
+    do_resize: bool = True
+    rescale_factor: float = 1.0 / 255.0  # applied when do_rescale
+    do_rescale: bool = True
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # applied after rescale when do_normalize
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_normalize: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding defaults, named as in ``transformers.GenerationConfig``."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about one export directory."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    encoder_seq_len: int
+    vocab_size: int  # rows of the decoder's logits (may be a pruned vocabulary, see id_map_file)
+    max_positions: int  # decoder position table size: start token + new tokens must fit
+    decoder_start_token_id: int  # ids in the decoder's own vocabulary
+    eos_token_id: int
+    pad_token_id: int
+    preprocessing: Preprocessing
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    encoder_file: str = "encoder.onnx"
+    decoder_file: str = "decoder.onnx"
+    tokenizer_file: str = "tokenizer.json"
+    id_map_file: str | None = None  # JSON list: decoder id -> tokenizer id, when the vocab is pruned
+    opset: int = 17
+    quantization: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = MANIFEST_NAME) -> "Manifest":
+        if data.get("format") != FORMAT_NAME:
+            raise ModelError(f"{source}: not an edgecap manifest (format={data.get('format')!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelError(
+                f"{source}: manifest format_version {version!r} is not supported by this edgecap "
+                f"(expects {FORMAT_VERSION}); re-export the model with this version of edgecap"
+            )
+        try:
+            values = dict(data)
+            values["preprocessing"] = Preprocessing(**_tuples(values["preprocessing"]))
+            values["generation"] = GenerationOptions(**values.get("generation", {}))
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise TypeError(f"unknown fields {sorted(unknown)}")
+            return cls(**values)
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"{source}: malformed manifest ({exc}); re-export the model") from exc
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ModelError(
+                f"{path}: no manifest; point --model at a directory written by `edgecap export`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: unreadable manifest ({exc}); re-export the model") from exc
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: manifest is not a JSON object; re-export the model")
+        return cls.from_dict(data, str(path))
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}

@@ -1,0 +1,151 @@
+"""Image loading and pixel preprocessing in numpy + PIL, driven by the manifest.
+
+Equivalent to Hugging Face's ``ViTImageProcessor`` for the same parameters: PIL resize of the
+8-bit RGB image, then rescale and per-channel normalize in float, channels first.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+from .manifest import Preprocessing
+
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# Formats we let PIL open: decoders outside this list never see untrusted bytes.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+# Background that transparent pixels are composited on (white, as a viewer would show them).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def describe(source: ImageInput) -> str:
+    """A short name for an input, used in error messages and results."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.size[0]}x{source.size[1]} {source.mode}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {tuple(source.shape)} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageInput, max_pixels: int = 50_000_000) -> Image.Image:
+    """Open any supported input as an RGB PIL image, EXIF orientation applied.
+
+    Raises:
+        ImageError: the input cannot be read or decoded; the message says which and why.
+    """
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        return to_rgb(source, name)
+    if isinstance(source, np.ndarray):
+        return to_rgb(_from_array(source, name), name)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            raise ImageError(name, "is a directory, not an image file")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(name, "file not found") from None
+        except PermissionError:
+            raise ImageError(name, "permission denied") from None
+        except OSError as exc:
+            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+    elif isinstance(source, bytes):
+        data = source
+    else:
+        raise ImageError(name, "unsupported input type (give a path, bytes, PIL image or array)")
+    return decode_image(data, name, max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = 50_000_000) -> Image.Image:
+    """Decode encoded image bytes fully (truncation is an error) into RGB."""
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a supported image (allowed: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is an image error
+        raise ImageError(name, f"cannot decode image header ({exc})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(name, f"image too large ({width}x{height} > {max_pixels} pixels)")
+    if width < 1 or height < 1:
+        raise ImageError(name, f"image has no pixels ({width}x{height})")
+    try:
+        image.seek(0)  # first frame of animations
+        image.load()  # decode now: truncated or corrupt data fails here, not later
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(name, f"corrupt or truncated image data ({exc})") from None
+    return to_rgb(image, name)
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, compositing transparency over ``ALPHA_BACKGROUND``."""
+    try:
+        if image.mode == "RGB":
+            return image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit grayscale: scale the full range down to 8 bits instead of clipping.
+            array = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(name, f"cannot convert mode {image.mode} to RGB ({exc})") from None
+
+
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageError(name, "array must be HxW, HxWx1, HxWx3 or HxWx4")
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+            array = array * 255.0  # float images in [0, 1]
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_pixels(image: Image.Image, config: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> float32 [3, H, W] exactly as the model was trained to see it."""
+    if config.do_resize and image.size != (config.width, config.height):
+        image = image.resize((config.width, config.height), RESAMPLE[config.resample])
+    pixels = np.asarray(image, dtype=np.float64)
+    if config.do_rescale:
+        pixels = pixels * config.rescale_factor
+    if config.do_normalize:
+        pixels = (pixels - np.asarray(config.mean)) / np.asarray(config.std)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+
+def preprocess_batch(images: list[Image.Image], config: Preprocessing) -> np.ndarray:
+    """List of RGB images -> float32 [B, 3, H, W]."""
+    return np.stack([to_pixels(image, config) for image in images])

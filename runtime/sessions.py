@@ -1,0 +1,84 @@
+"""The one place that builds onnxruntime sessions: providers, threads, graph optimizations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import ModelError
+
+log = logging.getLogger("edgecap")
+
+# A git-lfs pointer file starts with this line instead of protobuf bytes.
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+
+def default_threads() -> int:
+    """Intra-op threads: the cores this process may use (respects taskset / cgroup affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_providers(device: str) -> list[str]:
+    """Map ``device`` (auto, cpu, cuda, tensorrt) to available execution providers."""
+    available = ort.get_available_providers()
+    wanted = {
+        "cpu": ["CPUExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "auto": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    }.get(device)
+    if wanted is None:
+        raise ValueError(f"unknown device {device!r} (choose auto, cpu, cuda or tensorrt)")
+    providers = [p for p in wanted if p in available]
+    if device not in ("auto", "cpu") and providers[0] != wanted[0]:
+        log.warning("%s requested but onnxruntime offers only %s; falling back", wanted[0], available)
+    return providers
+
+
+def build_session(
+    path: str | Path, *, threads: int | None = None, device: str = "cpu", profile: bool = False
+) -> ort.InferenceSession:
+    """Open one ONNX graph with full graph optimizations.
+
+    Raises:
+        ModelError: the file is missing, a git-lfs pointer, or not a loadable ONNX model.
+    """
+    path = Path(path)
+    check_model_file(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1  # one step at a time: parallelism lives inside each op
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    options.enable_profiling = profile
+    try:
+        session = ort.InferenceSession(str(path), options, providers=resolve_providers(device))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path}: onnxruntime cannot load this graph ({first_line[:300]}); the file is corrupt "
+            "or truncated: re-export or re-install the model"
+        ) from None
+    if device in ("cuda", "tensorrt") and session.get_providers()[0] == "CPUExecutionProvider":
+        log.warning("%s: running on CPU; the GPU provider failed to initialise", path.name)
+    return session
+
+
+def check_model_file(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path}: missing model file; re-export the model or pass the right --model")
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if head.startswith(LFS_POINTER_PREFIX):
+        raise ModelError(
+            f"{path}: this is a git-lfs pointer, not the model; run `git lfs pull` to fetch it"
+        )
+    if len(head) == 0:
+        raise ModelError(f"{path}: empty model file; re-export or re-install the model")

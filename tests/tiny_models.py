@@ -1,0 +1,87 @@
+"""Tiny random-weight VisionEncoderDecoder models, built in-process (no download)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FLICKR = SHARED / "data" / "flickr8k"
+BPE = SHARED / "data" / "gpt2-bpe"
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    name: str
+    encoder: str = "vit"  # vit or deit
+    image_size: int = 32
+    patch_size: int = 8
+    encoder_width: int = 32
+    encoder_layers: int = 2
+    encoder_heads: int = 2
+    decoder_width: int = 32
+    decoder_layers: int = 2
+    decoder_heads: int = 2
+    resample: int = 2  # PIL bilinear
+    seed: int = 0
+
+
+CONFIGS = [
+    TinyConfig("vit-2x2"),
+    TinyConfig("vit-deep", image_size=48, patch_size=16, encoder_width=48, encoder_layers=3,
+               encoder_heads=3, decoder_width=48, decoder_layers=3, decoder_heads=4, resample=3, seed=1),
+    TinyConfig("deit-proj", encoder="deit", image_size=40, patch_size=10, encoder_width=24,
+               encoder_layers=1, encoder_heads=2, decoder_width=64, decoder_layers=1, decoder_heads=4,
+               seed=2),
+]
+
+
+def gpt2_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast(vocab_file=str(BPE / "encoder.json"), merges_file=str(BPE / "vocab.bpe"))
+
+
+def build_model(cfg: TinyConfig, out_dir: Path) -> Path:
+    """Build, save_pretrained() and return a model directory with processor and tokenizer."""
+    import torch
+    from transformers import (
+        DeiTConfig, GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    torch.manual_seed(cfg.seed)
+    enc_cls = DeiTConfig if cfg.encoder == "deit" else ViTConfig
+    encoder = enc_cls(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.encoder_width,
+        num_hidden_layers=cfg.encoder_layers, num_attention_heads=cfg.encoder_heads,
+        intermediate_size=cfg.encoder_width * 2,
+    )
+    tokenizer = gpt2_tokenizer()
+    eos = tokenizer.eos_token_id
+    decoder = GPT2Config(
+        n_embd=cfg.decoder_width, n_layer=cfg.decoder_layers, n_head=cfg.decoder_heads,
+        n_positions=64, vocab_size=len(tokenizer), add_cross_attention=True, is_decoder=True,
+        bos_token_id=eos, eos_token_id=eos,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = eos
+    config.pad_token_id = eos
+    config.eos_token_id = eos
+    model = VisionEncoderDecoderModel(config=config)
+    # Random init gives near-uniform logits; sharper ones make decoding decisions well separated
+    # (token-for-token comparisons should not hinge on 1e-6 ties).
+    with torch.no_grad():
+        model.decoder.lm_head.weight.mul_(25.0)
+    model.generation_config.decoder_start_token_id = eos
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.generation_config.max_length = 12
+    model.save_pretrained(out_dir)
+    processor = ViTImageProcessor(
+        size={"height": cfg.image_size, "width": cfg.image_size}, resample=cfg.resample,
+        image_mean=[0.48, 0.45, 0.40], image_std=[0.27, 0.26, 0.28],
+    )
+    processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
