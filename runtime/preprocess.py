@@ -27,7 +27,7 @@ RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 # Formats we let PIL open: decoders outside this list never see untrusted bytes.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Background that transparent pixels are composited on (white, as a viewer would show them).
 ALPHA_BACKGROUND = (255, 255, 255)
 

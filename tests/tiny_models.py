@@ -8,6 +8,7 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FLICKR = SHARED / "data" / "flickr8k"
 BPE = SHARED / "data" / "gpt2-bpe"
+START_TOKEN = 32  # "A"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class TinyConfig:
     decoder_heads: int = 2
     resample: int = 2  # PIL bilinear
     seed: int = 0
+    eos_scale: float = 7.0
+    tied: bool = True
 
 
 CONFIGS = [
@@ -32,7 +35,7 @@ CONFIGS = [
                encoder_heads=3, decoder_width=48, decoder_layers=3, decoder_heads=4, resample=3, seed=1),
     TinyConfig("deit-proj", encoder="deit", image_size=40, patch_size=10, encoder_width=24,
                encoder_layers=1, encoder_heads=2, decoder_width=64, decoder_layers=1, decoder_heads=4,
-               seed=2),
+               seed=2, tied=False, eos_scale=2.0),
 ]
 
 
@@ -62,18 +65,24 @@ def build_model(cfg: TinyConfig, out_dir: Path) -> Path:
     decoder = GPT2Config(
         n_embd=cfg.decoder_width, n_layer=cfg.decoder_layers, n_head=cfg.decoder_heads,
         n_positions=64, vocab_size=len(tokenizer), add_cross_attention=True, is_decoder=True,
-        bos_token_id=eos, eos_token_id=eos,
+        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=cfg.tied,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = eos
+    # With tied embeddings, starting from EOS would make EOS predict itself at step one.
+    start = eos if not cfg.tied else START_TOKEN
+    config.decoder_start_token_id = start
     config.pad_token_id = eos
     config.eos_token_id = eos
     model = VisionEncoderDecoderModel(config=config)
     # Random init gives near-uniform logits; sharper ones make decoding decisions well separated
     # (token-for-token comparisons should not hinge on 1e-6 ties).
+    # Sharpen the random logits (final layer-norm gain x25, which leaves the input embeddings
+    # alone) and make EOS likelier than a random token, so captions end after a varied number
+    # of steps and every stopping rule gets exercised.
     with torch.no_grad():
-        model.decoder.lm_head.weight.mul_(25.0)
-    model.generation_config.decoder_start_token_id = eos
+        model.decoder.transformer.ln_f.weight.mul_(25.0)
+        model.decoder.lm_head.weight[eos].mul_(cfg.eos_scale)
+    model.generation_config.decoder_start_token_id = start
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = eos
     model.generation_config.max_length = 12

@@ -1,0 +1,145 @@
+"""Toolchain subcommands for the ``edgecap`` CLI: export, train, eval.
+
+Only argument definitions live at module level: torch and transformers are imported when a
+command actually runs, so registering these costs nothing on a runtime-only path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+
+def register(commands) -> None:
+    export = commands.add_parser(
+        "export", help="export a model to edgecap's ONNX graphs (needs [export] extra)",
+        description="Export a Hugging Face VisionEncoderDecoderModel directory (ViT/DeiT encoder, "
+        "GPT-2 decoder with cross-attention) into OUT: encoder.onnx, decoder.onnx, tokenizer.json, "
+        "manifest.json. The graphs are checked against PyTorch before anything is written.",
+    )
+    export.add_argument("src", type=Path, help="save_pretrained() directory of the model")
+    export.add_argument("out", type=Path, help="output directory (created)")
+    export.add_argument("--quantize", default="none",
+                        choices=["none", "int8-dynamic", "int8-static", "fp16"],
+                        help="weight format of the written graphs (default: none = fp32)")
+    export.add_argument("--calibration", type=Path,
+                        help="folder of images for int8-static calibration")
+    export.add_argument("--calibration-count", type=int, default=64,
+                        help="images used for calibration (default 64)")
+    export.set_defaults(handler=run_export)
+
+    train = commands.add_parser(
+        "train", help="train the default captioner on Flickr8k (needs [export] extra)",
+        description="Train an EfficientNet-Lite0 + GPT-2 captioner with teacher-forced "
+        "cross-entropy; writes a checkpoint directory that `edgecap export-trained` turns into "
+        "an export.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+
+    export_trained = commands.add_parser(
+        "export-trained", help="export a checkpoint written by `edgecap train`",
+        description="Export a training checkpoint directory (encoder.pt, decoder/, id_map.json) "
+        "into edgecap's ONNX graphs, optionally quantized.",
+    )
+    export_trained.add_argument("checkpoint", type=Path)
+    export_trained.add_argument("out", type=Path)
+    export_trained.add_argument("--quantize", default="none",
+                                choices=["none", "int8-dynamic", "int8-static", "fp16"])
+    export_trained.add_argument("--calibration", type=Path)
+    export_trained.add_argument("--calibration-count", type=int, default=64)
+    export_trained.set_defaults(handler=run_export_trained)
+
+    evaluate = commands.add_parser(
+        "eval", help="caption a dataset split and score it (BLEU, METEOR, ROUGE-L, CIDEr)",
+        description="Caption every image of a split and score against all references. DATA is a "
+        "Flickr8k folder (captions.txt, split_*.txt, images/) or a COCO-style captions JSON.",
+    )
+    evaluate.add_argument("--data", type=Path, required=True, help="Flickr8k folder or COCO JSON")
+    evaluate.add_argument("--images", type=Path, help="image folder for a COCO JSON")
+    evaluate.add_argument("--split", default="test", help="train, dev or test (Flickr8k)")
+    evaluate.add_argument("--model", type=Path, help="export directory (default: embedded model)")
+    evaluate.add_argument("--beams", type=int, dest="num_beams", help="beam width (1 = greedy)")
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    evaluate.add_argument("--out", type=Path, help="write metrics and captions as JSON here")
+    evaluate.set_defaults(handler=run_eval)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="Flickr8k dir (images/, captions.txt, splits)")
+    parser.add_argument("--out", required=True, help="output checkpoint dir")
+    parser.add_argument("--epochs", type=int, default=6, help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=300, help="linear warm-up, then cosine decay")
+    parser.add_argument("--n-layer", type=int, default=4, help="decoder layers")
+    parser.add_argument("--n-embd", type=int, default=384, help="decoder width")
+    parser.add_argument("--n-head", type=int, default=6, help="decoder attention heads")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
+    parser.add_argument("--dev-images", type=int, default=250, help="dev images scored per epoch (CIDEr-D)")
+    parser.add_argument("--patience", type=int, default=2, help="epochs without dev gain before stopping")
+    parser.add_argument("--max-train-images", type=int, default=None, help="subset for smoke runs")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cache-dir", default=None,
+                        help="frozen-encoder feature cache (default ~/.cache/edgecap/features-lite0)")
+    parser.add_argument("--bpe-dir", default=None, help="GPT-2 BPE files (default: <data>/../gpt2-bpe)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from . import training
+
+    if args.cache_dir is None:
+        args.cache_dir = str(training.DEFAULT_CACHE_DIR)
+    return training.run(args)
+
+
+def _quantize_after(out: Path, args: argparse.Namespace) -> None:
+    if args.quantize == "none":
+        return
+    from .quantize import quantize_export
+
+    quantize_export(out, out, mode=args.quantize, calibration=args.calibration,
+                    calibration_count=args.calibration_count)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .onnx_export import ExportError, export_pretrained
+
+    logging.getLogger("edgecap").setLevel(logging.INFO)
+    try:
+        manifest = export_pretrained(args.src, args.out)
+        _quantize_after(args.out, args)
+    except ExportError as exc:
+        print(f"edgecap: export failed: {exc}")
+        return 1
+    print(json.dumps({"out": str(args.out), "parity": manifest.provenance["parity"]}))
+    return 0
+
+
+def run_export_trained(args: argparse.Namespace) -> int:
+    from .onnx_export import ExportError
+    from .trained_export import export_checkpoint
+
+    try:
+        manifest = export_checkpoint(args.checkpoint, args.out)
+        _quantize_after(args.out, args)
+    except ExportError as exc:
+        print(f"edgecap: export failed: {exc}")
+        return 1
+    print(json.dumps({"out": str(args.out), "parity": manifest.provenance["parity"]}))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_cli
+
+    return evaluate_cli(args)

@@ -1,0 +1,52 @@
+"""Export a checkpoint written by ``edgecap train`` through the same two-graph path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from edgecap.manifest import Preprocessing
+
+from .onnx_export import ExportError, export_captioner
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_steps: int = 4):
+    """Export ``checkpoint`` (encoder.pt, decoder/, id_map.json, tokenizer.json, preprocess.json).
+
+    Returns:
+        The written ``Manifest``.
+    """
+    from .captioner_model import load_trained
+
+    ckpt = Path(checkpoint)
+    for name in ("encoder.pt", "decoder", "id_map.json", "tokenizer.json", "preprocess.json"):
+        if not (ckpt / name).exists():
+            raise ExportError(f"{ckpt}: not a training checkpoint (missing {name})")
+    encoder, decoder, id_map = load_trained(ckpt)
+    pre = json.loads((ckpt / "preprocess.json").read_text())
+    height, width = pre["size"]
+    preprocessing = Preprocessing(
+        height=height, width=width, resample=pre.get("resample", "bilinear"),
+        rescale_factor=float(pre.get("rescale_factor", 1.0)), do_rescale=True,
+        mean=tuple(pre["mean"]), std=tuple(pre["std"]), do_normalize=True,
+    )
+    generation = GenerationConfig.from_pretrained(ckpt / "decoder")
+    provenance = {"source": str(ckpt.resolve()), "source_kind": "edgecap-train-checkpoint"}
+    config_file = ckpt / "train_config.json"
+    if config_file.is_file():
+        provenance["training"] = json.loads(config_file.read_text())
+    metrics_file = ckpt / "metrics.json"
+    if metrics_file.is_file():
+        provenance["training_metrics"] = json.loads(metrics_file.read_text())
+    return export_captioner(
+        encoder, decoder, out_dir,
+        preprocessing=preprocessing,
+        tokenizer_file=ckpt / "tokenizer.json",
+        generation=generation,
+        decoder_start_token_id=generation.decoder_start_token_id,
+        id_map=id_map,
+        provenance=provenance,
+        check_steps=check_steps,
+    )
