@@ -68,8 +68,11 @@ class Captioner:
             self.model_dir / m.tokenizer_file, m.vocab_size,
             self.model_dir / m.id_map_file if m.id_map_file else None,
         )
-        encoder = build_session(self.model_dir / m.encoder_file, threads=cpu_threads, device=device)
-        decoder = build_session(self.model_dir / m.decoder_file, threads=cpu_threads, device=device)
+        config = m.quantization.get("session_config", {})
+        encoder = build_session(self.model_dir / m.encoder_file, threads=cpu_threads,
+                                device=device, config=config)
+        decoder = build_session(self.model_dir / m.decoder_file, threads=cpu_threads,
+                                device=device, config=config)
         _check_graphs(encoder, decoder, m, self.model_dir)
         self.runner = GraphRunner(encoder, decoder, m)
 

@@ -42,7 +42,8 @@ def resolve_providers(device: str) -> list[str]:
 
 
 def build_session(
-    path: str | Path, *, threads: int | None = None, device: str = "cpu", profile: bool = False
+    path: str | Path, *, threads: int | None = None, device: str = "cpu", profile: bool = False,
+    config: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
     """Open one ONNX graph with full graph optimizations.
 
@@ -58,6 +59,8 @@ def build_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     options.enable_profiling = profile
+    for key, value in (config or {}).items():  # from the manifest, e.g. quantization needs
+        options.add_session_config_entry(key, str(value))
     try:
         session = ort.InferenceSession(str(path), options, providers=resolve_providers(device))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types

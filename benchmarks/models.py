@@ -1,0 +1,87 @@
+"""Benchmark models built in-process: the classic vit-gpt2 captioner layout with random weights.
+
+ViT-base/16 at 224 (12 layers, 768 wide) + GPT-2 small (12 layers, 768 wide, 50,257 tokens) with
+cross-attention: the shape of the well-known vit-gpt2-image-captioning checkpoint, so latency,
+memory and size match it even though the captions are noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("edgecap.bench")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BPE = SHARED / "data" / "gpt2-bpe"
+
+
+def build_vit_gpt2(out_dir: Path, seed: int = 0) -> Path:
+    """save_pretrained() a random-weight ViT-base + GPT-2 small VisionEncoderDecoderModel."""
+    import torch
+    from transformers import (
+        GPT2Config, GPT2TokenizerFast, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    torch.manual_seed(seed)
+    tokenizer = GPT2TokenizerFast(vocab_file=str(BPE / "encoder.json"), merges_file=str(BPE / "vocab.bpe"))
+    eos = tokenizer.eos_token_id
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(image_size=224, patch_size=16),
+        GPT2Config(add_cross_attention=True, is_decoder=True, bos_token_id=eos, eos_token_id=eos),
+    )
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = eos
+    model = VisionEncoderDecoderModel(config=config)
+    generation = model.generation_config
+    generation.decoder_start_token_id = generation.eos_token_id = generation.pad_token_id = eos
+    generation.num_beams, generation.max_length = 4, 16  # the public checkpoint's defaults
+    model.save_pretrained(out_dir)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def ensure_exports(root: Path, modes: tuple[str, ...] = ("none", "int8-dynamic")) -> dict[str, Path]:
+    """Build the HF model and its edgecap exports under ``root`` (reused when present)."""
+    from edgecap.export.onnx_export import export_pretrained
+    from edgecap.export.quantize import quantize_export
+
+    hf_dir = build_vit_gpt2(root / "hf")
+    paths = {"hf": hf_dir}
+    fp32 = root / "edgecap-fp32"
+    if not (fp32 / "manifest.json").is_file():
+        started = time.perf_counter()
+        export_pretrained(hf_dir, fp32)
+        log.info("fp32 export: %.0f s", time.perf_counter() - started)
+    paths["none"] = fp32
+    for mode in modes:
+        if mode == "none":
+            continue
+        target = root / f"edgecap-{mode}"
+        if not (target / "manifest.json").is_file():
+            quantize_export(fp32, target, mode=mode)
+        paths[mode] = target
+    return paths
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+if __name__ == "__main__":
+    import json
+    import resource
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache/edgecap/bench")
+    started = time.perf_counter()
+    paths = ensure_exports(root)
+    report = {name: file_sizes(path) for name, path in paths.items()}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report, indent=2))

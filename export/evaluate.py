@@ -1,0 +1,127 @@
+"""``edgecap eval``: caption a dataset split and score it with the COCO caption toolkit.
+
+Metrics come from pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr) after its PTB tokenizer, the
+same pipeline published Flickr8k / COCO numbers use. METEOR and the PTB tokenizer run Java; when
+Java is missing, captions are tokenized in Python and METEOR is skipped (said in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from edgecap import Captioner
+
+
+def load_flickr8k(data_dir: Path, split: str) -> tuple[list[Path], dict[str, list[str]]]:
+    """(image paths in split order, image name -> reference captions)."""
+    split_file = data_dir / f"split_{split}.txt"
+    if not split_file.is_file():
+        raise SystemExit(f"edgecap: error: {split_file} not found (splits: train, dev, test)")
+    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    references: dict[str, list[str]] = {name: [] for name in names}
+    for line in (data_dir / "captions.txt").read_text().splitlines():
+        key, _, caption = line.partition("\t")
+        name = key.split("#")[0]
+        if name in references:
+            references[name].append(caption.strip())
+    return [data_dir / "images" / name for name in names], references
+
+
+def load_coco(json_path: Path, images_dir: Path | None) -> tuple[list[Path], dict[str, list[str]]]:
+    data = json.loads(json_path.read_text())
+    root = images_dir or json_path.parent
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    references: dict[str, list[str]] = {name: [] for name in files.values()}
+    for ann in data["annotations"]:
+        references[files[ann["image_id"]]].append(ann["caption"].strip())
+    return [root / name for name in files.values()], references
+
+
+def simple_tokenize(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],
+                   meteor: bool = True) -> dict[str, float]:
+    """COCO caption metrics for hypotheses keyed like references."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    have_java = shutil.which("java") is not None
+    gts = {k: [{"caption": c} for c in references[k]] for k in hypotheses}
+    res = {k: [{"caption": hypotheses[k]}] for k in hypotheses}
+    if have_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokenizer = PTBTokenizer()
+        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    else:
+        gts = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in gts.items()}
+        res = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in res.items()}
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
+    if meteor and have_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+def caption_all(captioner: Captioner, images: list[Path], batch_size: int, **options) -> list:
+    from tqdm import tqdm
+
+    results = []
+    with tqdm(total=len(images), desc="captioning", unit="img", file=sys.stderr) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            results += captioner.caption(chunk, batch_size=batch_size, **options)
+            bar.update(len(chunk))
+    return results
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    names = list(next(iter(rows.values())).keys())
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, scores in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{scores[n]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_cli(args: argparse.Namespace) -> int:
+    if args.data.is_dir():
+        images, references = load_flickr8k(args.data, args.split)
+    else:
+        images, references = load_coco(args.data, args.images)
+    if args.limit:
+        images = images[: args.limit]
+    captioner = Captioner(args.model)
+    options = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    started = time.perf_counter()
+    results = caption_all(captioner, images, args.batch_size, **options)
+    seconds = time.perf_counter() - started
+    hypotheses = {img.name: r.text for img, r in zip(images, results)}
+    scores = score_captions(hypotheses, references, meteor=not args.no_meteor)
+    effective = captioner.options(**options)
+    label = f"{captioner.manifest.quantization.get('mode', 'none')} beams={effective.num_beams}"
+    print(format_table({label: scores}))
+    print(f"{len(images)} images in {seconds:.1f} s ({seconds / len(images) * 1e3:.1f} ms/image, "
+          f"batch {args.batch_size})", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "model": str(captioner.model_dir), "split": args.split, "images": len(images),
+            "options": effective.__dict__, "quantization": captioner.manifest.quantization,
+            "metrics": scores, "seconds": seconds,
+            "captions": hypotheses,
+        }, indent=2))
+    return 0
