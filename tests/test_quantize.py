@@ -1,0 +1,74 @@
+"""Every quantization mode exports, loads without flags and captions; static int8 calibration is
+deterministic for a fixed calibration set."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+pytest.importorskip("torch")
+
+from edgecap import Captioner  # noqa: E402
+from edgecap.export.quantize import quantize_export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def calibration_dir(tmp_path_factory, flickr_images):
+    folder = tmp_path_factory.mktemp("calibration")
+    for image in flickr_images[:4]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "fp16"])
+def test_mode_exports_loads_and_captions(tiny_export, tmp_path, flickr_images, calibration_dir, mode):
+    out = tmp_path / mode
+    manifest = quantize_export(tiny_export, out, mode=mode, calibration=calibration_dir,
+                               calibration_count=4)
+    assert manifest.quantization["mode"] == mode
+    captioner = Captioner(out)  # no flags: the manifest says what it is
+    assert captioner.manifest.quantization["mode"] == mode
+    reference = Captioner(tiny_export).caption(flickr_images[:3], num_beams=2)
+    results = captioner.caption(flickr_images[:3], num_beams=2)
+    assert len(results) == 3 and all(r.token_ids for r in results)
+    agreement = sum(a.token_ids == b.token_ids for a, b in zip(reference, results))
+    print(f"{mode}: {agreement}/3 captions identical to fp32, "
+          f"{manifest.quantization['bytes']} bytes vs {manifest.quantization['fp32_bytes']} fp32")
+    if mode.startswith("int8"):
+        assert manifest.quantization["bytes"] < 0.5 * manifest.quantization["fp32_bytes"]
+    if mode == "int8-static":
+        assert manifest.quantization["calibration"]["images"] == sorted(
+            p.name for p in calibration_dir.iterdir())
+
+
+def test_int8_dynamic_stores_embedding_once(tiny_export, tmp_path):
+    import onnx
+
+    out = tmp_path / "q"
+    manifest = quantize_export(tiny_export, out, mode="int8-dynamic")
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    vocab_sized = [(i.name, i.data_type) for i in graph.initializer if manifest.vocab_size in i.dims]
+    assert len(vocab_sized) == 1 and vocab_sized[0][1] == onnx.TensorProto.INT8, vocab_sized
+
+
+def test_static_calibration_is_deterministic(tiny_export, tmp_path, calibration_dir):
+    digests = []
+    for attempt in range(2):
+        out = tmp_path / f"static-{attempt}"
+        quantize_export(tiny_export, out, mode="int8-static", calibration=calibration_dir,
+                        calibration_count=4)
+        digests.append(tuple(hashlib.sha256((out / f).read_bytes()).hexdigest()
+                             for f in ("encoder.onnx", "decoder.onnx")))
+    assert digests[0] == digests[1]
+
+
+def test_requantizing_is_refused(tiny_export, tmp_path):
+    quantize_export(tiny_export, tmp_path / "q", mode="int8-dynamic")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_export(tmp_path / "q", tmp_path / "qq", mode="int8-dynamic")
+
+
+def test_static_without_calibration_folder_fails(tiny_export, tmp_path):
+    with pytest.raises(ValueError, match="--calibration"):
+        quantize_export(tiny_export, tmp_path / "s", mode="int8-static")
