@@ -1,0 +1,149 @@
+"""One benchmarked system in its own process, so peak RSS and cold start are its own.
+
+Prints one JSON object: per case the per-image latencies, encoder and per-token times, the token
+ids produced (for the equal-work check), plus peak RSS, cold start and model size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+NEW_TOKENS = 20  # every system generates exactly this many tokens (min = max)
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. VmHWM belongs to the address space created at exec;
+    ru_maxrss would include the parent's footprint inherited at fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dir_size(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
+
+
+class EdgecapSystem:
+    def __init__(self, model_dir: Path, threads: int):
+        from edgecap import Captioner
+
+        self.captioner = Captioner(model_dir, cpu_threads=threads)
+        self.size = dir_size(model_dir, "*.onnx")
+
+    def run(self, images, beams: int):
+        from edgecap.preprocess import load_image
+
+        loaded = [load_image(p) for p in images]
+        options = self.captioner.options(num_beams=beams, max_new_tokens=NEW_TOKENS,
+                                         min_new_tokens=NEW_TOKENS, no_repeat_ngram_size=0,
+                                         length_penalty=1.0, early_stopping=False)
+        results = self.captioner.caption_loaded(loaded, options, [str(p) for p in images])
+        timings = results[0].timings
+        return [r.token_ids for r in results], timings["encoder_ms"], timings["decoder_ms"]
+
+
+class HFSystem:
+    """PyTorch + transformers generate(), or optimum's ORTModelForVision2Seq (same API)."""
+
+    def __init__(self, kind: str, model_dir: Path, threads: int, optimum_dir: Path | None):
+        import torch
+        from transformers import ViTImageProcessor
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.processor = ViTImageProcessor.from_pretrained(model_dir)
+        if kind == "pytorch":
+            from transformers import VisionEncoderDecoderModel
+
+            self.model = VisionEncoderDecoderModel.from_pretrained(model_dir).eval()
+            self.size = dir_size(model_dir, "*.safetensors")
+            self.encode = lambda px: self.model.encoder(pixel_values=px)
+        else:
+            from optimum.onnxruntime import ORTModelForVision2Seq
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            self.model = ORTModelForVision2Seq.from_pretrained(optimum_dir, session_options=options)
+            self.size = dir_size(optimum_dir, "*.onnx") + dir_size(optimum_dir, "*.onnx_data")
+            self.encode = lambda px: self.model.encoder(pixel_values=px)
+
+    def run(self, images, beams: int):
+        from PIL import Image
+
+        pixels = self.processor([Image.open(p).convert("RGB") for p in images],
+                                return_tensors="pt").pixel_values
+        with self.torch.no_grad():
+            began = time.perf_counter()
+            self.encode(pixels)
+            encoder_ms = (time.perf_counter() - began) * 1e3
+            began = time.perf_counter()
+            out = self.model.generate(pixels, num_beams=beams, max_new_tokens=NEW_TOKENS,
+                                      min_new_tokens=NEW_TOKENS, no_repeat_ngram_size=0,
+                                      length_penalty=1.0, early_stopping=False)
+            total_ms = (time.perf_counter() - began) * 1e3
+        tokens = [row[1:] for row in out.tolist()]
+        # generate() encodes again inside; the decode share is its total minus one encoder pass.
+        return tokens, encoder_ms, max(0.0, total_ms - encoder_ms)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--system", required=True)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--optimum-dir", type=Path)
+    parser.add_argument("--images", nargs="+", required=True)
+    parser.add_argument("--cases", default="greedy:1,beam4:1,greedy:8,beam4:8")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=60.0, help="per case, after warm-up")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--launched-at", type=float, required=True)
+    args = parser.parse_args(argv)
+
+    if args.system.startswith("edgecap"):
+        system = EdgecapSystem(args.model_dir, args.threads)
+    else:
+        system = HFSystem(args.system.split("-")[0], args.model_dir, args.threads, args.optimum_dir)
+    first_tokens, _, _ = system.run(args.images[:1], 1)
+    cold_start_s = time.time() - args.launched_at
+
+    report = {"system": args.system, "size_bytes": system.size, "cold_start_s": cold_start_s,
+              "threads": args.threads, "cases": {}}
+    for case in args.cases.split(","):
+        mode, batch = case.split(":")
+        beams = 1 if mode == "greedy" else int(mode.removeprefix("beam"))
+        images = args.images[: int(batch)]
+        tokens, _, _ = system.run(images, beams)  # warm-up
+        latencies, encoder, decode = [], [], []
+        started = time.perf_counter()
+        while len(latencies) < args.reps and (time.perf_counter() - started < args.budget_s
+                                              or len(latencies) < 3):
+            began = time.perf_counter()
+            tokens, enc_ms, dec_ms = system.run(images, beams)
+            latencies.append((time.perf_counter() - began) * 1e3)
+            encoder.append(enc_ms)
+            decode.append(dec_ms)
+        report["cases"][case] = {
+            "batch": len(images), "beams": beams, "latency_ms": latencies,
+            "encoder_ms": float(np.median(encoder)),
+            "decode_ms_per_token": float(np.median(decode)) / NEW_TOKENS,
+            "tokens": tokens,
+        }
+        print(f"{args.system} {case}: p50 {np.median(latencies):.0f} ms ({len(latencies)} reps)",
+              file=sys.stderr, flush=True)
+    report["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
