@@ -7,6 +7,7 @@ Equivalent to Hugging Face's ``ViTImageProcessor`` for the same parameters: PIL 
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -80,7 +81,12 @@ def decode_image(data: bytes, name: str, max_pixels: int = 50_000_000) -> Image.
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        with warnings.catch_warnings():
+            # PIL only warns between its two bomb limits; treat the warning as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(name, f"image too large (decompression bomb guard: {exc})") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not a supported image (allowed: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is an image error
