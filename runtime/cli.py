@@ -35,6 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_caption_arguments(caption)
     caption.set_defaults(handler=run_caption)
+    serve = commands.add_parser(
+        "serve", help="HTTP captioning service (needs [serve] extra)",
+        description="Serve POST /v1/captions with dynamic batching, backpressure (503 + "
+        "Retry-After when the queue is full), /healthz, /readyz, /metrics and a demo page at /.",
+    )
+    serve.add_argument("--model", help="export directory (default: the embedded model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="images captioned together")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long the first queued image waits for company")
+    serve.add_argument("--max-queue", type=int, default=32, help="queued images before 503")
+    serve.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
+    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    serve.set_defaults(handler=run_serve)
     try:
         toolchain = importlib.import_module("edgecap.export.commands")
     except ImportError:  # runtime-only install: no export package
@@ -65,6 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgecap: interrupted", file=sys.stderr)
         return 130
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import Settings, serve
+
+    settings = Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                        max_queue=args.max_queue, timeout_s=args.timeout_s,
+                        max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads)
+    print(f"edgecap: serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    serve(settings, args.host, args.port)
+    return 0
 
 
 def print_json(data: object) -> None:

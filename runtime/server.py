@@ -1,0 +1,226 @@
+"""``edgecap serve``: an HTTP captioning service over one ``Captioner`` (extra ``[serve]``).
+
+Starlette on uvicorn. Requests decode their image in a worker thread, then wait on a bounded
+micro-batching queue served by one inference thread. A full queue answers 503 + Retry-After at
+once; bad images answer 4xx with the reason; SIGTERM stops accepting, finishes every accepted
+request, then exits (uvicorn's graceful shutdown, then the queue is drained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .batcher import MicroBatcher, Overloaded
+from .captioner import Captioner
+from .errors import ImageError, OptionsError
+from .preprocess import decode_image
+
+DEMO_PAGE = (Path(__file__).parent / "demo.html")
+
+
+class Settings:
+    def __init__(self, model=None, *, max_batch=8, max_wait_ms=10.0, max_queue=32,
+                 timeout_s=30.0, max_body_bytes=20 * 2**20, max_images=8, cpu_threads=None):
+        self.model, self.max_batch, self.max_wait_ms = model, max_batch, max_wait_ms
+        self.max_queue, self.timeout_s, self.max_body_bytes = max_queue, timeout_s, max_body_bytes
+        self.max_images, self.cpu_threads = max_images, cpu_threads
+
+
+class Metrics:
+    def __init__(self, max_batch: int):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgecap_requests_total", "Caption requests by outcome",
+                                ["status"], registry=self.registry)
+        self.errors = Counter("edgecap_errors_total", "Failed requests by kind", ["kind"],
+                              registry=self.registry)
+        self.queue_depth = Gauge("edgecap_queue_depth", "Images waiting for the model",
+                                 registry=self.registry)
+        self.batch_size = Histogram("edgecap_batch_size", "Images captioned together",
+                                    buckets=[b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch] or [1],
+                                    registry=self.registry)
+        self.latency = Histogram("edgecap_request_duration_seconds", "Request latency",
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+
+
+def error(status: int, kind: str, message: str, metrics: Metrics, headers=None) -> JSONResponse:
+    metrics.errors.labels(kind).inc()
+    metrics.requests.labels(str(status)).inc()
+    return JSONResponse({"error": kind, "detail": message}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette re-reads a cached body when parsing multipart forms
+    return body
+
+
+def create_app(settings: Settings) -> Starlette:
+    state: dict = {"ready": False}
+    metrics = Metrics(settings.max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        captioner = await run_in_threadpool(Captioner, settings.model,
+                                            cpu_threads=settings.cpu_threads)
+        await run_in_threadpool(captioner.caption, Image.new("RGB", (64, 64), (127, 127, 127)))
+        state["captioner"] = captioner
+        state["batcher"] = MicroBatcher(captioner, max_batch=settings.max_batch,
+                                        max_wait_ms=settings.max_wait_ms,
+                                        max_queue=settings.max_queue,
+                                        on_batch=metrics.batch_size.observe)
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await run_in_threadpool(state["batcher"].stop)
+
+    async def captions(request: Request) -> Response:
+        started = time.perf_counter()
+        if not state["ready"]:
+            return error(503, "not_ready", "model is loading", metrics, {"Retry-After": "1"})
+        body = await read_body(request, settings.max_body_bytes)
+        if body is None:
+            return error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", metrics)
+        params = dict(request.query_params)
+        uploads: list[tuple[str, bytes]] = []
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=settings.max_images)
+            except Exception as exc:  # noqa: BLE001 - malformed multipart
+                return error(400, "bad_request", f"malformed multipart body ({exc})", metrics)
+            for key, value in form.multi_items():
+                if hasattr(value, "read"):
+                    uploads.append((value.filename or key, await value.read()))
+                else:
+                    params.setdefault(key, value)
+        else:
+            uploads.append(("body", body))
+        if not uploads:
+            return error(400, "bad_request", "no image: send it as the body or a form file", metrics)
+        if len(uploads) > settings.max_images:
+            return error(400, "bad_request", f"at most {settings.max_images} images per request", metrics)
+        try:
+            options = state["captioner"].options(
+                num_beams=_int(params, "beams"), max_new_tokens=_int(params, "max_new_tokens"))
+        except (OptionsError, ValueError) as exc:
+            return error(400, "bad_options", str(exc), metrics)
+        images = []
+        for name, data in uploads:
+            try:
+                images.append(await run_in_threadpool(decode_image, data, name))
+            except ImageError as exc:
+                return error(422 if data else 400, "bad_image", f"{name}: {exc.reason}", metrics)
+        batcher: MicroBatcher = state["batcher"]
+        try:
+            futures = [batcher.submit(img, options, name) for img, (name, _) in zip(images, uploads)]
+        except Overloaded as exc:
+            return error(503, "overloaded", str(exc), metrics, {"Retry-After": "1"})
+        finally:
+            metrics.queue_depth.set(batcher.depth())
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), settings.timeout_s)
+        except asyncio.TimeoutError:
+            return error(504, "timeout", f"no caption within {settings.timeout_s} s", metrics)
+        metrics.requests.labels("200").inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        payload = [{"generated_text": r.text, "caption": r.text, "score": round(r.score, 4),
+                    "token_ids": r.token_ids, "source": r.source, "timings": r.timings}
+                   for r in results]
+        return JSONResponse(payload[0] if len(payload) == 1 else {"results": payload})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "live"})
+
+    async def readyz(request: Request) -> Response:
+        if state["ready"]:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        if "batcher" in state:
+            metrics.queue_depth.set(state["batcher"].depth())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def demo(request: Request) -> Response:
+        return HTMLResponse(DEMO_PAGE.read_text())
+
+    return Starlette(routes=[
+        Route("/v1/captions", captions, methods=["POST"]),
+        Route("/healthz", healthz), Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint), Route("/openapi.json", openapi),
+        Route("/", demo),
+    ], lifespan=lifespan)
+
+
+def _int(params: dict, key: str) -> int | None:
+    value = params.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key} must be an integer, got {value!r}") from None
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "edgecap", "version": "1", "description": "Image captioning service"},
+    "paths": {
+        "/v1/captions": {"post": {
+            "summary": "Caption one image (raw body) or several (multipart 'image' files)",
+            "parameters": [
+                {"name": "beams", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                {"name": "max_new_tokens", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            ],
+            "requestBody": {"content": {
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            }},
+            "responses": {
+                "200": {"description": "caption(s): generated_text, score, token_ids, timings"},
+                "400": {"description": "bad request or options"},
+                "413": {"description": "body too large"},
+                "422": {"description": "image cannot be decoded (reason given)"},
+                "503": {"description": "overloaded or loading; retry after Retry-After seconds"},
+                "504": {"description": "timed out"},
+            },
+        }},
+        "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "live"}}}},
+        "/readyz": {"get": {"summary": "model loaded and warm",
+                            "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+    },
+}
