@@ -87,6 +87,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=2, help="epochs without dev gain before stopping")
     parser.add_argument("--max-train-images", type=int, default=None, help="subset for smoke runs")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--time-budget-min", type=float, default=None,
+                        help="wall-clock budget for training; the lr schedule decays to fit it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cache-dir", default=None,

@@ -1,0 +1,51 @@
+"""Smoke test of the training recipe: a few steps on 8 Flickr8k images with a tiny decoder."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("efficientnet_lite_pytorch")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k"
+
+
+@pytest.mark.skipif(not (DATA / "captions.txt").exists(), reason="Flickr8k not available")
+def test_train_few_steps_and_reload(tmp_path):
+    from edgecap.export.captioner_model import load_trained
+    from edgecap.export.training import load_pixels, train
+
+    out = tmp_path / "model"
+    result = train(
+        DATA, out, epochs=5, batch_size=8, lr=3e-3, warmup_steps=3, n_layer=1, n_embd=64,
+        n_head=2, max_train_images=8, dev_images=4, patience=10, threads=2,
+        cache_dir=tmp_path / "cache", log_every=0, command_line="pytest smoke",
+    )
+
+    for name in ["encoder.pt", "decoder/config.json", "decoder/generation_config.json",
+                 "id_map.json", "tokenizer.json", "preprocess.json", "train_config.json",
+                 "train_log.jsonl", "metrics.json"]:
+        assert (out / name).exists(), name
+    losses = result["step_losses"]
+    assert len(losses) == 25 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+    assert math.isfinite(log[-1]["dev_loss"]) and log[-1]["dev_cider"] >= 0.0
+
+    encoder, decoder, id_map = load_trained(out)
+    assert id_map[0] == 50256 and len(id_map) == decoder.config.vocab_size
+    assert decoder.generation_config.num_beams == 3
+    assert decoder.generation_config.eos_token_id == 0
+    saved = torch.load(out / "encoder.pt", weights_only=True)
+    assert torch.equal(encoder.state_dict()["proj.weight"], saved["proj.weight"])
+    pixels = torch.from_numpy(load_pixels(DATA / "images" / (DATA / "split_train.txt")
+                                          .read_text().split()[0]))[None]
+    with torch.no_grad():
+        tokens = encoder(pixels)
+        logits = decoder(input_ids=torch.zeros(1, 1, dtype=torch.long),
+                         encoder_hidden_states=tokens).logits
+    assert tokens.shape == (1, 49, 64) and logits.shape == (1, 1, len(id_map))
