@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .batch import add_caption_arguments, run_caption
@@ -35,6 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_caption_arguments(caption)
     caption.set_defaults(handler=run_caption)
+    watch = commands.add_parser(
+        "watch", help="caption a video file, stream, camera or drop folder (needs [video])",
+        description="Caption live video in real time: SOURCE is a video file, an rtsp:// or "
+        "http(s):// stream, a camera (/dev/video0) or a folder that receives image files. The "
+        "reader keeps only the newest frame; stale frames are dropped and counted. A scene gate "
+        "skips frames that look like the last captioned one. Output: JSON lines (stdout or "
+        "--out), plus optional SRT/WebVTT subtitles. Ctrl-C / SIGTERM stop cleanly.",
+    )
+    watch.add_argument("source")
+    watch.add_argument("--model", help="export directory (default: the embedded model)")
+    watch.add_argument("--fps", type=float, help="at most this many captions per second")
+    watch.add_argument("--out", type=Path, help="append JSON lines here (default: stdout)")
+    watch.add_argument("--srt", type=Path, help="write SRT subtitles here")
+    watch.add_argument("--vtt", type=Path, help="write WebVTT subtitles here")
+    watch.add_argument("--scene-threshold", type=float, default=0.08,
+                       help="mean grayscale change (0-1) that counts as a new scene (default 0.08)")
+    watch.add_argument("--heartbeat", type=float, help="caption at least every N seconds")
+    watch.add_argument("--changes-only", action="store_true", help="emit only when the text changes")
+    pace = watch.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
+                      help="pace files at their frame rate and drop stale frames (live default)")
+    pace.add_argument("--lossless", dest="realtime", action="store_false",
+                      help="never drop frames (file default)")
+    watch.add_argument("--timeout-s", type=float, default=5.0, help="stream read timeout")
+    watch.add_argument("--beams", type=int, dest="num_beams", help="beam width (default: model's)")
+    watch.add_argument("--max-new-tokens", type=int)
+    watch.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    watch.set_defaults(handler=run_watch)
+
     serve = commands.add_parser(
         "serve", help="HTTP captioning service (needs [serve] extra)",
         description="Serve POST /v1/captions with dynamic batching, backpressure (503 + "
@@ -81,6 +111,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgecap: interrupted", file=sys.stderr)
         return 130
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .captioner import Captioner
+    from .sources import open_source
+    from .watch import JsonlWriter, SubtitleWriter, WatchOptions, watch
+
+    captioner = Captioner(args.model, cpu_threads=args.threads)
+    source = open_source(args.source, timeout_s=args.timeout_s) if not Path(args.source).is_dir() \
+        else open_source(args.source)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    options = WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
+                           heartbeat_s=args.heartbeat, changes_only=args.changes_only,
+                           realtime=args.realtime)
+    jsonl = JsonlWriter(args.out)
+    subtitles = [SubtitleWriter(path, kind) for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")) if path]
+    count, last_time = 0, None
+    try:
+        for record in watch(source, captioner, options, stop, num_beams=args.num_beams,
+                            max_new_tokens=args.max_new_tokens):
+            jsonl.add(record)
+            for writer in subtitles:
+                writer.add(record)
+            count, last_time = count + 1, record.stream_time
+    finally:
+        jsonl.close()
+        for writer in subtitles:
+            writer.close()
+        print(f"edgecap: {count} captions, {source.stats.corrupt} corrupt frames skipped, "
+              f"{source.stats.reconnects} reconnects", file=sys.stderr)
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

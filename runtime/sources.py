@@ -1,0 +1,178 @@
+"""Frame sources for ``edgecap watch``: video files, network streams, cameras and drop folders.
+
+Video goes through PyAV (extra ``[video]``). Live sources reconnect with exponential backoff
+after a read timeout or a lost connection; corrupt packets are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from .errors import EdgecapError, ImageError
+from .batch import IMAGE_SUFFIXES
+from .preprocess import load_image
+
+log = logging.getLogger("edgecap.watch")
+
+
+class SourceError(EdgecapError):
+    """A source that cannot be opened at all (bad path, unsupported URL, no PyAV)."""
+
+
+@dataclass
+class Frame:
+    image: Image.Image
+    timestamp: float  # seconds on the stream's clock (file mtime order for folders)
+    index: int  # frame number as decoded (counts every decoded frame, captioned or not)
+    name: str = ""  # file name for folder sources
+
+
+@dataclass
+class SourceStats:
+    corrupt: int = 0  # packets or frames that failed to decode and were skipped
+    reconnects: int = 0
+
+
+def is_live(source: str) -> bool:
+    return source.startswith(("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://")) \
+        or source.startswith("/dev/video")
+
+
+class VideoSource:
+    """Decode frames with PyAV. Live sources retry with backoff; files end at their end."""
+
+    def __init__(self, source: str, *, timeout_s: float = 5.0, max_backoff_s: float = 30.0,
+                 max_reconnects: int | None = None):
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise SourceError("video sources need PyAV: pip install 'edgecap[video]'") from None
+        self.source = source
+        self.live = is_live(source)
+        self.timeout_s = timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.max_reconnects = max_reconnects
+        self.stats = SourceStats()
+        self.stopped = False
+        if not self.live and not Path(source).is_file():
+            raise SourceError(f"{source}: no such video file")
+
+    def _open(self):
+        import av
+
+        options = {}
+        container_format = None
+        if self.source.startswith("rtsp://"):
+            options = {"rtsp_transport": "tcp"}
+        if self.source.startswith("/dev/video"):
+            container_format = "v4l2"
+        # Both open and per-read timeouts: a stalled stream must not block forever.
+        return av.open(self.source, format=container_format, options=options,
+                       timeout=(self.timeout_s, self.timeout_s) if self.live else None)
+
+    def frames(self) -> Iterator[Frame]:
+        import av
+
+        backoff, index = 0.5, 0
+        while not self.stopped:
+            try:
+                container = self._open()
+            except (av.FFmpegError, OSError) as exc:
+                if not self.live:
+                    raise SourceError(f"{self.source}: cannot open video ({exc})") from None
+                backoff = self._wait_before_retry(f"cannot open ({exc})", backoff)
+                continue
+            backoff = 0.5
+            try:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for packet in container.demux(stream):
+                    if self.stopped:
+                        return
+                    try:
+                        decoded = packet.decode()
+                    except av.FFmpegError:
+                        self.stats.corrupt += 1
+                        continue
+                    for frame in decoded:
+                        seconds = float(frame.pts * stream.time_base) if frame.pts is not None else None
+                        yield Frame(frame.to_image(), seconds if seconds is not None else index / 25.0, index)
+                        index += 1
+                if not self.live:
+                    return
+                log.warning("%s: stream ended; reconnecting", self.source)
+            except (av.FFmpegError, OSError) as exc:
+                if not self.live:
+                    raise SourceError(f"{self.source}: read failed ({exc})") from None
+                log.warning("%s: read failed (%s); reconnecting", self.source, exc)
+            finally:
+                container.close()
+            backoff = self._wait_before_retry("disconnected", backoff)
+
+    def _wait_before_retry(self, why: str, backoff: float) -> float:
+        self.stats.reconnects += 1
+        if self.max_reconnects is not None and self.stats.reconnects > self.max_reconnects:
+            raise SourceError(f"{self.source}: gave up after {self.max_reconnects} reconnects ({why})")
+        log.warning("%s: %s; retry in %.1f s", self.source, why, backoff)
+        deadline = time.monotonic() + backoff
+        while time.monotonic() < deadline and not self.stopped:
+            time.sleep(0.05)
+        return min(backoff * 2, self.max_backoff_s)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class FolderSource:
+    """Caption each image file that appears in a folder, once, in arrival (mtime, name) order."""
+
+    def __init__(self, folder: str, *, poll_s: float = 0.25, existing: bool = True):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SourceError(f"{folder}: not a folder")
+        self.poll_s = poll_s
+        self.stats = SourceStats()
+        self.stopped = False
+        self.seen: set[str] = set() if existing else {p.name for p in self.folder.iterdir()}
+        self.live = True
+        self.errors: list[tuple[str, str]] = []
+
+    def frames(self) -> Iterator[Frame]:
+        index, started = 0, time.monotonic()
+        sizes: dict[str, int] = {}
+        while not self.stopped:
+            fresh = sorted(
+                (p for p in self.folder.iterdir()
+                 if p.is_file() and p.name not in self.seen and p.suffix.lower() in IMAGE_SUFFIXES),
+                key=lambda p: (p.stat().st_mtime, p.name))
+            for path in fresh:
+                size = path.stat().st_size
+                if sizes.get(path.name) != size:  # still being written: look again next poll
+                    sizes[path.name] = size
+                    continue
+                self.seen.add(path.name)
+                try:
+                    image = load_image(path)
+                except ImageError as exc:
+                    self.stats.corrupt += 1
+                    self.errors.append((path.name, exc.reason))
+                    log.warning("%s", exc)
+                    continue
+                yield Frame(image, time.monotonic() - started, index, path.name)
+                index += 1
+            time.sleep(self.poll_s)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def open_source(source: str, **options) -> VideoSource | FolderSource:
+    if Path(source).is_dir():
+        return FolderSource(source)
+    return VideoSource(source, **options)

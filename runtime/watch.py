@@ -1,0 +1,233 @@
+"""``edgecap watch``: timestamped captions for a stream of frames, without falling behind.
+
+Real-time policy: the reader thread keeps only the newest frame (a one-slot mailbox, never a
+queue); the captioner takes the newest frame when it is free and stale frames are dropped and
+counted. A cheap scene gate (32x32 grayscale mean difference) skips frames that look like the
+last captioned one; an optional heartbeat captions anyway every N seconds. Files are read
+losslessly by default (every frame passes the gate, so scene cuts are exact); ``realtime=True``
+paces a file at its own frame rate and applies the live-source dropping policy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .sources import Frame, FolderSource, VideoSource
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    max_fps: float | None = None  # cap on captions per second (None: as fast as the model goes)
+    scene_threshold: float = 0.08  # mean |difference| of 32x32 grayscale in [0, 1]
+    heartbeat_s: float | None = None  # caption at least this often even without scene change
+    changes_only: bool = False  # emit only when the caption text changes
+    realtime: bool | None = None  # None: True for live sources, False for files
+
+
+@dataclass
+class CaptionRecord:
+    stream_time: float  # seconds on the source's clock
+    wall_time: str  # ISO 8601 UTC when the caption was ready
+    frame_index: int
+    caption: str
+    latency_ms: float  # frame received -> caption ready
+    dropped: int  # frames dropped (stale) since the previous record
+    reason: str  # "first", "scene" or "heartbeat"
+    source_name: str = ""
+
+
+class LatestFrame:
+    """One-slot mailbox: a new frame replaces an untaken one (counted as dropped)."""
+
+    def __init__(self, lossless: bool):
+        self.lossless = lossless
+        self.condition = threading.Condition()
+        self.frame: Frame | None = None
+        self.received = 0.0
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, frame: Frame, stop: threading.Event) -> None:
+        with self.condition:
+            if self.lossless:  # files: wait for the consumer instead of dropping
+                while self.frame is not None and not stop.is_set():
+                    self.condition.wait(0.05)
+            elif self.frame is not None:
+                self.dropped += 1
+            self.frame, self.received = frame, time.monotonic()
+            self.condition.notify_all()
+
+    def take(self, timeout: float = 0.1) -> tuple[Frame, float, int] | None:
+        """(newest frame, when it arrived, frames dropped so far) or None after ``timeout``."""
+        with self.condition:
+            if self.frame is None and not self.closed:
+                self.condition.wait(timeout)
+            if self.frame is None:
+                return None
+            frame, self.frame = self.frame, None
+            self.condition.notify_all()
+            return frame, self.received, self.dropped
+
+    def close(self) -> None:
+        with self.condition:
+            self.closed = True
+            self.condition.notify_all()
+
+
+def signature(frame: Frame) -> np.ndarray:
+    small = frame.image.convert("L").resize((32, 32))
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions = WatchOptions(),
+          stop: threading.Event | None = None, **generation) -> Iterator[CaptionRecord]:
+    """Caption ``source`` lazily: a generator of ``CaptionRecord`` that ends with the source or
+    when ``stop`` is set. Generation options (``num_beams``, ...) pass to the captioner."""
+    stop = stop or threading.Event()
+    realtime = source.live if options.realtime is None else options.realtime
+    is_folder = isinstance(source, FolderSource)
+    mailbox = LatestFrame(lossless=not realtime or is_folder)
+    generation_options = captioner.options(**generation)
+    reader_error: list[BaseException] = []
+
+    def read() -> None:
+        began = None
+        try:
+            for frame in source.frames():
+                if stop.is_set():
+                    break
+                if realtime and not source.live:  # pace a file at its own clock
+                    began = began if began is not None else time.monotonic() - frame.timestamp
+                    delay = began + frame.timestamp - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                mailbox.put(frame, stop)
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the consumer
+            reader_error.append(exc)
+        finally:
+            mailbox.close()
+
+    reader = threading.Thread(target=read, name="edgecap-reader", daemon=True)
+    reader.start()
+    last_signature, last_text = None, None
+    last_caption_at, last_heartbeat_stream = -1e9, None
+    dropped_reported = 0
+    try:
+        while not stop.is_set():
+            taken = mailbox.take()
+            if taken is None:
+                if mailbox.closed and mailbox.frame is None:
+                    break
+                continue
+            frame, received, dropped_so_far = taken
+            now = time.monotonic()
+            if options.max_fps and realtime and now - last_caption_at < 1.0 / options.max_fps:
+                continue
+            current = signature(frame)
+            if last_signature is None:
+                reason = "first"
+            elif is_folder or float(np.abs(current - last_signature).mean()) > options.scene_threshold:
+                reason = "scene"
+            elif options.heartbeat_s and frame.timestamp - last_heartbeat_stream >= options.heartbeat_s:
+                reason = "heartbeat"
+            else:
+                continue
+            result = captioner.caption_loaded([frame.image], generation_options,
+                                              [frame.name or str(frame.index)])[0]
+            last_caption_at = time.monotonic()
+            last_signature, last_heartbeat_stream = current, frame.timestamp
+            if options.changes_only and result.text == last_text:
+                continue
+            last_text = result.text
+            # Frames dropped between the previous captioned frame and this one.
+            dropped = dropped_so_far - dropped_reported
+            dropped_reported = dropped_so_far
+            yield CaptionRecord(
+                stream_time=round(frame.timestamp, 4),
+                wall_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+                frame_index=frame.index, caption=result.text,
+                latency_ms=round((last_caption_at - received) * 1e3, 2), dropped=dropped,
+                reason=reason, source_name=frame.name)
+    finally:
+        stop.set()
+        source.stop()
+        reader.join(timeout=5)
+    if reader_error and not isinstance(reader_error[0], (KeyboardInterrupt, SystemExit)):
+        raise reader_error[0]
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _clock(seconds: float, separator: str) -> str:
+    millis = int(round(max(0.0, seconds) * 1000))
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+class SubtitleWriter:
+    """SRT or WebVTT; each cue lasts until the next caption. The whole file is rewritten
+    atomically after every caption, so it is valid even if the process is killed."""
+
+    def __init__(self, path: Path, kind: str, last_cue_s: float = 2.0):
+        self.path, self.kind, self.last_cue_s = Path(path), kind, last_cue_s
+        self.cues: list[tuple[float, str]] = []
+        self.end_hint = 0.0
+        self._write()
+
+    def add(self, record: CaptionRecord) -> None:
+        self.cues.append((record.stream_time, record.caption))
+        self._write()
+
+    def close(self, stream_end: float | None = None) -> None:
+        if stream_end is not None:
+            self.end_hint = stream_end
+        self._write()
+
+    def render(self) -> str:
+        separator = "," if self.kind == "srt" else "."
+        lines = [] if self.kind == "srt" else ["WEBVTT", ""]
+        for number, (start, text) in enumerate(self.cues, 1):
+            following = self.cues[number][0] if number < len(self.cues) else None
+            end = following if following is not None else max(self.end_hint, start + self.last_cue_s)
+            if end <= start:
+                end = start + 0.001
+            if self.kind == "srt":
+                lines.append(str(number))
+            lines += [f"{_clock(start, separator)} --> {_clock(end, separator)}", text, ""]
+        return "\n".join(lines) + ("\n" if lines and lines[-1] != "" else "")
+
+    def _write(self) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(self.render(), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+
+class JsonlWriter:
+    def __init__(self, path: Path | None):
+        self.handle = open(path, "a", encoding="utf-8") if path else None
+
+    def add(self, record: CaptionRecord) -> None:
+        line = json.dumps(asdict(record), ensure_ascii=False)
+        if self.handle:
+            self.handle.write(line + "\n")
+            self.handle.flush()
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()

@@ -1,0 +1,252 @@
+"""`edgecap watch` on real videos encoded by the test with PyAV from Flickr8k images."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+av = pytest.importorskip("av")
+
+from edgecap import Captioner  # noqa: E402
+from edgecap.sources import FolderSource, VideoSource  # noqa: E402
+from edgecap.watch import SubtitleWriter, WatchOptions, watch  # noqa: E402
+
+FPS = 10
+SCENE_SECONDS = 1.0
+
+
+def encode_video(path: Path, images: list[Path], fps: int = FPS, seconds: float = SCENE_SECONDS,
+                 size=(320, 240)) -> list[float]:
+    """One scene per image, each ``seconds`` long, with mild per-frame noise; returns cut times."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        index = 0
+        for image_path in images:
+            base = np.asarray(Image.open(image_path).convert("RGB").resize(size), np.int16)
+            for _ in range(int(seconds * fps)):
+                noisy = np.clip(base + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+                frame = av.VideoFrame.from_ndarray(noisy, format="rgb24")
+                frame.pts = index
+                index += 1
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return [i * seconds for i in range(len(images))]
+
+
+@pytest.fixture(scope="module")
+def scene_video(tmp_path_factory, flickr_images) -> tuple[Path, list[float]]:
+    path = tmp_path_factory.mktemp("video") / "scenes.mp4"
+    return path, encode_video(path, flickr_images[:4])
+
+
+SRT_CUE = re.compile(r"^(\d+)\n(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})\n(.+)$")
+
+
+def parse_clock(text: str) -> float:
+    hours, minutes, rest = text.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
+def check_srt(text: str) -> list[tuple[float, float, str]]:
+    cues = []
+    for number, block in enumerate(text.strip().split("\n\n"), 1):
+        match = SRT_CUE.match(block)
+        assert match, f"bad SRT cue: {block!r}"
+        assert int(match.group(1)) == number
+        cues.append((parse_clock(match.group(2)), parse_clock(match.group(3)), match.group(4)))
+    for (start, end, _), following in zip(cues, cues[1:] + [None]):
+        assert end > start
+        if following:
+            assert end == following[0]  # each cue lasts until the next caption
+    return cues
+
+
+def check_vtt(text: str) -> int:
+    assert text.startswith("WEBVTT\n\n")
+    blocks = text.strip().split("\n\n")[1:]
+    for block in blocks:
+        timing, caption = block.split("\n", 1)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}", timing) and caption
+    return len(blocks)
+
+
+def test_one_caption_per_scene_at_the_cut(tiny_export, scene_video, tmp_path):
+    video, cuts = scene_video
+    captioner = Captioner(tiny_export)
+    srt = SubtitleWriter(tmp_path / "out.srt", "srt")
+    vtt = SubtitleWriter(tmp_path / "out.vtt", "vtt")
+    records = []
+    for record in watch(VideoSource(str(video)), captioner, WatchOptions()):
+        records.append(record)
+        srt.add(record)
+        vtt.add(record)
+    srt.close(stream_end=len(cuts) * SCENE_SECONDS)
+    vtt.close(stream_end=len(cuts) * SCENE_SECONDS)
+    assert [r.reason for r in records] == ["first"] + ["scene"] * (len(cuts) - 1)
+    for record, cut in zip(records, cuts):
+        assert abs(record.stream_time - cut) <= 1.0 / FPS + 1e-6
+        assert record.dropped == 0  # files are read losslessly by default
+    cues = check_srt((tmp_path / "out.srt").read_text())
+    assert [c[0] for c in cues] == [r.stream_time for r in records]
+    assert check_vtt((tmp_path / "out.vtt").read_text()) == len(records)
+
+
+def test_heartbeat_adds_captions_within_a_scene(tiny_export, scene_video):
+    video, cuts = scene_video
+    records = list(watch(VideoSource(str(video)), Captioner(tiny_export),
+                         WatchOptions(heartbeat_s=0.45)))
+    assert sum(r.reason == "heartbeat" for r in records) >= len(cuts)
+
+
+class SlowCaptioner:
+    """The real captioner, slowed down on purpose: the stream outpaces it."""
+
+    def __init__(self, captioner, delay_s: float):
+        self.captioner, self.delay_s = captioner, delay_s
+
+    def options(self, **kwargs):
+        return self.captioner.options(**kwargs)
+
+    def caption_loaded(self, *args, **kwargs):
+        time.sleep(self.delay_s)
+        return self.captioner.caption_loaded(*args, **kwargs)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_slow_captioner_drops_frames_and_memory_stays_bounded(tiny_export, tmp_path, flickr_images):
+    video = tmp_path / "fast.mp4"
+    encode_video(video, flickr_images[:2], fps=50, seconds=3.0, size=(640, 480))
+    slow = SlowCaptioner(Captioner(tiny_export), delay_s=0.2)
+    before = rss_mb()
+    records = list(watch(VideoSource(str(video)), slow,
+                         WatchOptions(realtime=True, heartbeat_s=0.01)))
+    growth = rss_mb() - before
+    total_frames = 2 * 3 * 50
+    assert len(records) < total_frames / 4
+    dropped = sum(r.dropped for r in records)
+    assert dropped > total_frames / 2
+    for previous, record in zip(records, records[1:]):
+        # The captioner always takes the newest frame; every frame in between was dropped.
+        assert record.dropped == record.frame_index - previous.frame_index - 1, record
+        # A paced 50 fps stream cannot deliver more than latency*50 frames during one caption.
+        assert record.dropped <= previous.latency_ms / 1000 * 50 * 1.3 + 2, record
+    assert growth < 150, f"RSS grew {growth:.0f} MB"
+
+
+def test_folder_source_captions_each_new_file_once(tiny_export, tmp_path, flickr_images):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    stop = threading.Event()
+    source = FolderSource(str(folder), poll_s=0.05)
+    captioner = Captioner(tiny_export)
+    records = []
+
+    def feed():
+        (folder / "broken.jpg").write_bytes(b"not an image")
+        for i, image in enumerate(flickr_images[:3]):
+            shutil.copy(image, folder / f"{i}.jpg")
+            time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while len(records) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a chance for any duplicate to show up
+        stop.set()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    for record in watch(source, captioner, WatchOptions(), stop):
+        records.append(record)
+    feeder.join()
+    assert [r.source_name for r in records] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert source.stats.corrupt == 1 and source.errors[0][0] == "broken.jpg"
+
+
+def test_sigint_flushes_valid_subtitles(tiny_export, tmp_path, flickr_images):
+    video = tmp_path / "long.mp4"
+    encode_video(video, flickr_images[:6], seconds=2.0)
+    out, srt, vtt = tmp_path / "c.jsonl", tmp_path / "c.srt", tmp_path / "c.vtt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgecap.cli", "watch", str(video), "--model", str(tiny_export),
+         "--realtime", "--out", str(out), "--srt", str(srt), "--vtt", str(vtt)],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 2 <= len(lines) < 6
+    assert len(check_srt(srt.read_text())) == len(lines)
+    assert check_vtt(vtt.read_text()) == len(lines)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg (Debian package) not installed")
+def test_http_stream_reconnects_after_server_restart(tiny_export, scene_video, tmp_path):
+    video, _ = scene_video
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/live.ts"
+
+    def start_server():
+        return subprocess.Popen(
+            ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video),
+             "-c", "copy", "-f", "mpegts", "-listen", "1", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    server = start_server()
+    out = tmp_path / "live.jsonl"
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "edgecap.cli", "watch", url, "--model", str(tiny_export),
+         "--out", str(out), "--timeout-s", "2"], stderr=subprocess.PIPE, text=True)
+
+    def lines() -> int:
+        return out.read_text().count("\n") if out.exists() else 0
+
+    def wait_for(count: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if lines() >= count:
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        assert wait_for(3, 60), "no captions from the live stream"
+        server.kill()
+        server.wait()
+        time.sleep(2)
+        before = lines()
+        server = start_server()
+        assert wait_for(before + 3, 60), "captions did not resume after the server restart"
+    finally:
+        server.kill()
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait(timeout=30)
+    assert "reconnect" in watcher.stderr.read()
