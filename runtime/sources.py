@@ -68,13 +68,16 @@ class VideoSource:
 
         options = {}
         container_format = None
+        micros = str(int(self.timeout_s * 1e6))
         if self.source.startswith("rtsp://"):
-            options = {"rtsp_transport": "tcp"}
+            options = {"rtsp_transport": "tcp", "timeout": micros}
+        elif self.live and "://" in self.source:
+            # FFmpeg's own per-read timeout: a stalled stream errors out instead of blocking.
+            # (PyAV's timeout= interrupts long but healthy reads of paced streams.)
+            options = {"rw_timeout": micros}
         if self.source.startswith("/dev/video"):
             container_format = "v4l2"
-        # Both open and per-read timeouts: a stalled stream must not block forever.
-        return av.open(self.source, format=container_format, options=options,
-                       timeout=(self.timeout_s, self.timeout_s) if self.live else None)
+        return av.open(self.source, format=container_format, options=options)
 
     def frames(self) -> Iterator[Frame]:
         import av

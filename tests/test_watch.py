@@ -217,7 +217,7 @@ def test_http_stream_reconnects_after_server_restart(tiny_export, scene_video, t
     def start_server():
         return subprocess.Popen(
             ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video),
-             "-c", "copy", "-f", "mpegts", "-listen", "1", url],
+             "-c:v", "mpeg2video", "-q:v", "4", "-f", "mpegts", "-listen", "1", url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     server = start_server()
