@@ -52,6 +52,17 @@ def register(commands) -> None:
     export_trained.add_argument("--calibration-count", type=int, default=64)
     export_trained.set_defaults(handler=run_export_trained)
 
+    report = commands.add_parser(
+        "quality-report", help="what quantization cost: a quantized export vs its fp32 export",
+        description="Caption the same images with both exports: identical-caption share, token "
+        "agreement, metric deltas (with --data), file sizes and per-part latency ratios. Prints "
+        "a markdown table; --out writes JSON (and .md beside it).",
+    )
+    from .quality_report import add_arguments as add_report_arguments
+
+    add_report_arguments(report)
+    report.set_defaults(handler=run_quality_report)
+
     evaluate = commands.add_parser(
         "eval", help="caption a dataset split and score it (BLEU, METEOR, ROUGE-L, CIDEr)",
         description="Caption every image of a split and score against all references. DATA is a "
@@ -139,6 +150,12 @@ def run_export_trained(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"out": str(args.out), "parity": manifest.provenance["parity"]}))
     return 0
+
+
+def run_quality_report(args: argparse.Namespace) -> int:
+    from .quality_report import run
+
+    return run(args)
 
 
 def run_eval(args: argparse.Namespace) -> int:

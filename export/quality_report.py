@@ -1,0 +1,147 @@
+"""``edgecap quality-report``: what quantization cost, measured against the fp32 export.
+
+On the same images: share of identical captions, mean token agreement (position-wise over the
+longer caption), caption-metric deltas when references exist, file sizes, and per-part latency
+(encoder pass, one decoder step) measured alternately in one run so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecap import Captioner
+from edgecap.preprocess import load_image, to_pixels
+
+
+def token_agreement(a: list[int], b: list[int]) -> float:
+    longest = max(len(a), len(b))
+    if longest == 0:
+        return 1.0
+    return sum(x == y for x, y in zip(a, b)) / longest
+
+
+def part_latencies(captioner: Captioner, image: Path, reps: int) -> tuple[list[float], list[float]]:
+    """Encoder ms per image and decoder-step ms (batch 1, cache of 10 tokens)."""
+    runner, manifest = captioner.runner, captioner.manifest
+    pixels = to_pixels(load_image(image), manifest.preprocessing)[None]
+    encoder_ms, step_ms = [], []
+    for _ in range(reps):
+        began = time.perf_counter()
+        cross = runner.encode(pixels)
+        encoder_ms.append((time.perf_counter() - began) * 1e3)
+        state = runner.start(cross)
+        token = np.array([manifest.decoder_start_token_id])
+        for step in range(10):
+            began = time.perf_counter()
+            logits = runner.step(state, token)
+            if step >= 2:  # past warm-up of the first, cache-less steps
+                step_ms.append((time.perf_counter() - began) * 1e3)
+            token = logits.argmax(axis=-1)
+    return encoder_ms, step_ms
+
+
+def onnx_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.onnx"))
+
+
+def quality_report(fp32_dir: Path, quantized_dir: Path, images: list[Path],
+                   references: dict[str, list[str]] | None, num_beams: int | None,
+                   latency_reps: int = 20) -> dict:
+    base, quant = Captioner(fp32_dir), Captioner(quantized_dir)
+    options = {"num_beams": num_beams} if num_beams else {}
+    base_results = base.caption(images, batch_size=16, **options)
+    quant_results = quant.caption(images, batch_size=16, **options)
+    identical = np.mean([a.token_ids == b.token_ids for a, b in zip(base_results, quant_results)])
+    agreement = np.mean([token_agreement(a.token_ids, b.token_ids)
+                         for a, b in zip(base_results, quant_results)])
+    report = {
+        "fp32": str(fp32_dir), "quantized": str(quantized_dir),
+        "mode": quant.manifest.quantization.get("mode"), "images": len(images),
+        "num_beams": base.options(**options).num_beams,
+        "identical_captions": float(identical), "mean_token_agreement": float(agreement),
+        "fp32_mb": onnx_bytes(fp32_dir) / 1e6, "quantized_mb": onnx_bytes(quantized_dir) / 1e6,
+    }
+    report["size_ratio"] = report["quantized_mb"] / report["fp32_mb"]
+    if references:
+        from .evaluate import score_captions
+
+        fp32_scores = score_captions({p.name: r.text for p, r in zip(images, base_results)}, references)
+        quant_scores = score_captions({p.name: r.text for p, r in zip(images, quant_results)}, references)
+        report["metrics"] = {"fp32": fp32_scores, "quantized": quant_scores,
+                             "relative_delta": {k: quant_scores[k] / fp32_scores[k] - 1
+                                                for k in fp32_scores if fp32_scores[k]}}
+    encoders: dict[str, list[float]] = {"fp32": [], "quantized": []}
+    steps: dict[str, list[float]] = {"fp32": [], "quantized": []}
+    for _ in range(max(1, latency_reps // 5)):  # alternate in rounds: noise hits both alike
+        for name, captioner in (("fp32", base), ("quantized", quant)):
+            enc, step = part_latencies(captioner, images[0], 5)
+            encoders[name] += enc
+            steps[name] += step
+    report["latency_ms"] = {
+        name: {"encoder_p50": float(np.median(encoders[name])),
+               "encoder_p95": float(np.percentile(encoders[name], 95)),
+               "decoder_step_p50": float(np.median(steps[name])),
+               "decoder_step_p95": float(np.percentile(steps[name], 95))}
+        for name in encoders}
+    lat = report["latency_ms"]
+    report["speedup"] = {
+        "encoder": lat["fp32"]["encoder_p50"] / lat["quantized"]["encoder_p50"],
+        "decoder_step": lat["fp32"]["decoder_step_p50"] / lat["quantized"]["decoder_step_p50"]}
+    return report
+
+
+def markdown(report: dict) -> str:
+    lat, speed = report["latency_ms"], report["speedup"]
+    lines = [
+        f"| {report['mode']} vs fp32 ({report['images']} images, beams {report['num_beams']}) | value |",
+        "|---|---|",
+        f"| identical captions | {report['identical_captions']:.1%} |",
+        f"| mean token agreement | {report['mean_token_agreement']:.1%} |",
+        f"| size (ONNX) | {report['quantized_mb']:.1f} MB vs {report['fp32_mb']:.1f} MB "
+        f"({report['size_ratio']:.1%}) |",
+        f"| encoder p50 | {lat['quantized']['encoder_p50']:.1f} ms vs "
+        f"{lat['fp32']['encoder_p50']:.1f} ms ({speed['encoder']:.2f}x) |",
+        f"| decoder step p50 | {lat['quantized']['decoder_step_p50']:.2f} ms vs "
+        f"{lat['fp32']['decoder_step_p50']:.2f} ms ({speed['decoder_step']:.2f}x) |",
+    ]
+    for name, delta in report.get("metrics", {}).get("relative_delta", {}).items():
+        fp32 = report["metrics"]["fp32"][name]
+        quant = report["metrics"]["quantized"][name]
+        lines.append(f"| {name} | {quant:.3f} vs {fp32:.3f} ({delta:+.1%}) |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("fp32", type=Path, help="fp32 export directory")
+    parser.add_argument("quantized", type=Path, help="quantized export of the same model")
+    parser.add_argument("--data", type=Path, help="Flickr8k folder: score against references")
+    parser.add_argument("--images", type=Path, help="a folder of images (no references)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=200, help="images to compare (default 200)")
+    parser.add_argument("--beams", type=int, dest="num_beams")
+    parser.add_argument("--out", type=Path, help="write the JSON report here (markdown beside it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    references = None
+    if args.data:
+        from .evaluate import load_flickr8k
+
+        images, references = load_flickr8k(args.data, args.split)
+    elif args.images:
+        images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    else:
+        raise SystemExit("edgecap: error: give --data (Flickr8k) or --images")
+    images = images[: args.limit]
+    report = quality_report(args.fp32, args.quantized, images, references, args.num_beams)
+    text = markdown(report)
+    print(text)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+        args.out.with_suffix(".md").write_text(text)
+    return 0
