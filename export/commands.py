@@ -21,13 +21,7 @@ def register(commands) -> None:
     )
     export.add_argument("src", type=Path, help="save_pretrained() directory of the model")
     export.add_argument("out", type=Path, help="output directory (created)")
-    export.add_argument("--quantize", default="none",
-                        choices=["none", "int8-dynamic", "int8-static", "fp16"],
-                        help="weight format of the written graphs (default: none = fp32)")
-    export.add_argument("--calibration", type=Path,
-                        help="folder of images for int8-static calibration")
-    export.add_argument("--calibration-count", type=int, default=64,
-                        help="images used for calibration (default 64)")
+    add_quantize_arguments(export)
     export.set_defaults(handler=run_export)
 
     train = commands.add_parser(
@@ -44,12 +38,9 @@ def register(commands) -> None:
         description="Export a training checkpoint directory (encoder.pt, decoder/, id_map.json) "
         "into edgecap's ONNX graphs, optionally quantized.",
     )
-    export_trained.add_argument("checkpoint", type=Path)
-    export_trained.add_argument("out", type=Path)
-    export_trained.add_argument("--quantize", default="none",
-                                choices=["none", "int8-dynamic", "int8-static", "fp16"])
-    export_trained.add_argument("--calibration", type=Path)
-    export_trained.add_argument("--calibration-count", type=int, default=64)
+    export_trained.add_argument("checkpoint", type=Path, help="directory written by `edgecap train`")
+    export_trained.add_argument("out", type=Path, help="output directory (created)")
+    add_quantize_arguments(export_trained)
     export_trained.set_defaults(handler=run_export_trained)
 
     report = commands.add_parser(
@@ -79,6 +70,17 @@ def register(commands) -> None:
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     evaluate.add_argument("--out", type=Path, help="write metrics and captions as JSON here")
     evaluate.set_defaults(handler=run_eval)
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default="none",
+                        choices=["none", "int8-dynamic", "int8-static", "fp16"],
+                        help="weight format of the written graphs (default: none = fp32; "
+                        "int8-dynamic is the recommended CPU format)")
+    parser.add_argument("--calibration", type=Path,
+                        help="folder of images for int8-static calibration")
+    parser.add_argument("--calibration-count", type=int, default=64,
+                        help="images used for calibration (default 64, sorted by name)")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
