@@ -101,10 +101,15 @@ def _size(path: Path) -> int:
 
 
 def _excluded(model_path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    """Node names to keep in float: name prefixes, or "lm_head" for the output projection
+    (the MatMul on the vocabulary-sized embedding, whose node name the exporter invents)."""
     if not prefixes:
         return []
     graph = onnx.load(str(model_path)).graph
-    return [n.name for n in graph.node if any(n.name.startswith(p) for p in prefixes)]
+    names = [n.name for n in graph.node if any(n.name.startswith(p) for p in prefixes)]
+    if "lm_head" in prefixes:
+        names += [n.name for n in graph.node if n.op_type == "MatMul" and "output_embedding" in n.input]
+    return names
 
 
 def _dynamic(src: Path, dst: Path, exclude: tuple[str, ...], enabled: bool) -> None:

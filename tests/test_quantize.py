@@ -72,3 +72,14 @@ def test_requantizing_is_refused(tiny_export, tmp_path):
 def test_static_without_calibration_folder_fails(tiny_export, tmp_path):
     with pytest.raises(ValueError, match="--calibration"):
         quantize_export(tiny_export, tmp_path / "s", mode="int8-static")
+
+
+def test_lm_head_can_stay_float(tiny_export, tmp_path, flickr_images):
+    import onnx
+
+    out = tmp_path / "keep"
+    manifest = quantize_export(tiny_export, out, mode="int8-dynamic", exclude_nodes=("lm_head",))
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    float_heads = [n for n in graph.node if n.op_type == "MatMul" and "output_embedding" in n.input]
+    assert len(float_heads) == 1 and manifest.quantization["excluded_nodes"] == ["lm_head"]
+    assert Captioner(out).caption(flickr_images[0]).token_ids
