@@ -82,7 +82,8 @@ class DecoderStepGraph(nn.Module):
     """One KV-cached GPT-2 step with cross-attention.
 
     Inputs: input_ids [N, 1] int64, then past_key_i / past_value_i [N, heads, T, head_dim] for every
-    layer, then cross_key_i / cross_value_i [N, heads, S, head_dim]. The new token's position is the
+    layer, then cross_key_i / cross_value_i [images, heads, S, head_dim] where N = images * beams
+    (rows grouped by image: an image's beams are consecutive). The new token's position is the
     cache length T, read from the cache's shape (all rows of a batch share it).
     Outputs: logits [N, vocab] for the new token, then present_key_i / present_value_i
     [N, heads, T + 1, head_dim].
@@ -114,6 +115,24 @@ class DecoderStepGraph(nn.Module):
         # One query position that may see every cached key: no causal mask is needed.
         return merge_heads(torch.matmul(torch.softmax(scores, dim=-1), value))
 
+    def attend_shared(self, query, key, value, layer_idx: int) -> torch.Tensor:
+        """Cross-attention with one K/V per image shared by its beams.
+
+        query [images * beams, heads, 1, head_dim]; key/value [images, heads, S, head_dim]. The
+        beams of an image become that image's query rows ([images, heads, beams, head_dim]), so
+        the per-image K/V is never repeated in memory and is read once per step, not per beam.
+        """
+        # The tracer records these sizes as shape ops, so images and beams stay dynamic.
+        grouped = query.reshape(key.shape[0], -1, query.shape[1], query.shape[3])
+        grouped = grouped.transpose(1, 2)  # [images, heads, beams, head_dim]
+        scores = torch.matmul(grouped, key.transpose(-1, -2))
+        if self.scale_weights:
+            scores = scores / (value.shape[-1] ** 0.5)
+        if self.scale_by_layer:
+            scores = scores / float(layer_idx + 1)
+        attended = torch.matmul(torch.softmax(scores, dim=-1), value)  # [images, heads, beams, d]
+        return attended.transpose(1, 2).reshape(query.shape[0], 1, -1)  # [images*beams, 1, h*d]
+
     def forward(self, input_ids: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layers = self.num_layers
         past, cross = caches[: 2 * layers], caches[2 * layers :]
@@ -139,7 +158,7 @@ class DecoderStepGraph(nn.Module):
 
             x = block.ln_cross_attn(hidden)
             query = split_heads(conv1d_linear(x, block.crossattention.q_attn), self.num_heads)
-            attended = self.attend(query, cross[2 * i], cross[2 * i + 1], i)
+            attended = self.attend_shared(query, cross[2 * i], cross[2 * i + 1], i)
             hidden = hidden + conv1d_linear(attended, block.crossattention.c_proj)
 
             x = block.ln_2(hidden)

@@ -209,6 +209,7 @@ def export_captioner(
             generation=defaults,
             id_map_file="id_map.json" if id_map is not None else None,
             opset=OPSET,
+            shared_cross_kv=True,
             provenance={**(provenance or {}), "parity": parity, "torch": torch.__version__},
             **special,
         )
@@ -264,7 +265,7 @@ def _export_decoder(graph, path: Path, layers: int, heads: int, head_dim: int, e
     cross = [torch.randn(rows, heads, enc_len, head_dim) for _ in range(2 * layers)]
     axes = {"input_ids": {0: "rows"}, "logits": {0: "rows"}}
     for name in inputs[1:]:
-        axes[name] = {0: "rows", 2: "past_len"} if name.startswith("past") else {0: "rows"}
+        axes[name] = {0: "rows", 2: "past_len"} if name.startswith("past") else {0: "images"}
     for name in outputs[1:]:
         axes[name] = {0: "rows", 2: "total_len"}
     _export(graph, (ids, *past, *cross), path, inputs, outputs, axes)

@@ -67,6 +67,8 @@ class Manifest:
     tokenizer_file: str = "tokenizer.json"
     id_map_file: str | None = None  # JSON list: decoder id -> tokenizer id, when the vocab is pruned
     opset: int = 17
+    # True: the decoder takes one cross K/V per image, shared by its beams (rows grouped by image).
+    shared_cross_kv: bool = False
     quantization: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME

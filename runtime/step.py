@@ -23,7 +23,7 @@ class DecoderState:
 
     @property
     def rows(self) -> int:
-        return self.cross[0].shape[0]
+        return self.past[0].shape[0]
 
 
 class GraphRunner:
@@ -45,11 +45,16 @@ class GraphRunner:
         return self.encoder.run(self.cross_names, {"pixel_values": pixel_values})
 
     def start(self, cross: list[np.ndarray], repeats: int = 1) -> DecoderState:
-        """A state with an empty cache; each image's cross K/V repeated once for its beams."""
-        if repeats > 1:
+        """A state with an empty cache for ``repeats`` hypotheses (beams) per image.
+
+        Exports with ``shared_cross_kv`` take one cross K/V per image for all its beams; older
+        ones need it repeated once per beam (done here, once, never per step).
+        """
+        rows = cross[0].shape[0] * repeats
+        if repeats > 1 and not self.manifest.shared_cross_kv:
             cross = [np.repeat(c, repeats, axis=0) for c in cross]
         m = self.manifest
-        empty = np.zeros((cross[0].shape[0], m.num_heads, 0, m.head_dim), self._float_type)
+        empty = np.zeros((rows, m.num_heads, 0, m.head_dim), self._float_type)
         return DecoderState(past=[empty] * len(self.past_names), cross=cross)
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
