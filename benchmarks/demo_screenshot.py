@@ -8,13 +8,10 @@ download: it drives /usr/bin/chromium).
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from .local_server import running_server
 
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,35 +27,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo.png"))
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args(argv)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "edgecap.cli", "serve", "--port", str(port)]
-    if args.model:
-        command += ["--model", args.model]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "readyz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport={"width": 900, "height": 800})
-            page.goto(url)
-            page.set_input_files("#file", str(args.image))
-            page.wait_for_function(
-                "document.getElementById('caption').textContent.length > 0 && "
-                "document.getElementById('caption').textContent !== 'captioning...'", timeout=60000)
-            caption = page.inner_text("#caption")
-            page.screenshot(path=str(args.out), full_page=True)
-            browser.close()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+    with running_server(args.model) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 900, "height": 800})
+        page.goto(base + "/")
+        page.set_input_files("#file", str(args.image))
+        page.wait_for_function(
+            "document.getElementById('caption').textContent.length > 0 && "
+            "document.getElementById('caption').textContent !== 'captioning...'", timeout=60000)
+        caption = page.inner_text("#caption")
+        page.screenshot(path=str(args.out), full_page=True)
+        browser.close()
     print(f"caption shown: {caption!r}; screenshot: {args.out}")
     return 0 if caption and not caption.startswith("error") else 1
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .local_server import running_server
 
 import numpy as np
 
@@ -56,31 +55,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model")
     parser.add_argument("--requests", type=int, default=64)
     args = parser.parse_args(argv)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "edgecap.cli", "serve", "--port", str(port), "--max-queue", "16"]
-    if args.model:
-        command += ["--model", args.model]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/readyz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with running_server(args.model, "--max-queue", "16") as base:
         names = [n for n in (FLICKR / "split_test.txt").read_text().split() if n]
         payloads = [(FLICKR / "images" / n).read_bytes() for n in names[: args.requests]]
         url = base + "/v1/captions?beams=1"
         report = {"sequential": run_load(url, payloads, 1), "concurrent": run_load(url, payloads, 8)}
         report["batching_gain"] = report["concurrent"]["images_per_s"] / report["sequential"]["images_per_s"]
-        overload = payloads * 3
-        report["overload_3x"] = run_load(url, overload, 48)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        report["overload_3x"] = run_load(url, payloads * 3, 48)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -132,14 +132,14 @@ def run_watch(args: argparse.Namespace) -> int:
                            realtime=args.realtime)
     jsonl = JsonlWriter(args.out)
     subtitles = [SubtitleWriter(path, kind) for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")) if path]
-    count, last_time = 0, None
+    count = 0
     try:
         for record in watch(source, captioner, options, stop, num_beams=args.num_beams,
                             max_new_tokens=args.max_new_tokens):
             jsonl.add(record)
             for writer in subtitles:
                 writer.add(record)
-            count, last_time = count + 1, record.stream_time
+            count += 1
     finally:
         jsonl.close()
         for writer in subtitles:
