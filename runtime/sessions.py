@@ -59,6 +59,10 @@ def build_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     options.enable_profiling = profile
+    # The encoder and decoder sessions each own a thread pool; spinning workers of one would
+    # steal the cores the other needs right after (measured on ViT-base int8: encoder 110 -> 76
+    # ms, whole greedy caption 332 -> 288 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for key, value in (config or {}).items():  # from the manifest, e.g. quantization needs
         options.add_session_config_entry(key, str(value))
     try:
