@@ -120,41 +120,42 @@ def run_train(args: argparse.Namespace) -> int:
     return training.run(args)
 
 
-def _quantize_after(out: Path, args: argparse.Namespace) -> None:
-    if args.quantize == "none":
-        return
-    from .quantize import quantize_export
+def _export_and_quantize(export, args: argparse.Namespace) -> int:
+    """Run ``export()`` (returns a Manifest), then quantize in place if asked; one JSON line out."""
+    from .onnx_export import ExportError
 
-    quantize_export(out, out, mode=args.quantize, calibration=args.calibration,
-                    calibration_count=args.calibration_count, exclude_nodes=tuple(args.keep_float))
+    if args.quantize == "int8-static" and (args.calibration is None or not args.calibration.is_dir()):
+        # Check before exporting: otherwise an fp32 export would be left behind in OUT.
+        print("edgecap: export failed: int8-static needs --calibration DIR (a folder of images)")
+        return 1
+    try:
+        manifest = export()
+        if args.quantize != "none":
+            from .quantize import quantize_export
+
+            manifest = quantize_export(
+                args.out, args.out, mode=args.quantize, calibration=args.calibration,
+                calibration_count=args.calibration_count, exclude_nodes=tuple(args.keep_float))
+    except (ExportError, ValueError) as exc:
+        print(f"edgecap: export failed: {exc}")
+        return 1
+    print(json.dumps({"out": str(args.out), "quantization": manifest.quantization["mode"],
+                      "parity": manifest.provenance["parity"]}))
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .onnx_export import ExportError, export_pretrained
+    from .onnx_export import export_pretrained
 
     logging.getLogger("edgecap").setLevel(logging.INFO)
-    try:
-        manifest = export_pretrained(args.src, args.out)
-        _quantize_after(args.out, args)
-    except ExportError as exc:
-        print(f"edgecap: export failed: {exc}")
-        return 1
-    print(json.dumps({"out": str(args.out), "parity": manifest.provenance["parity"]}))
-    return 0
+    return _export_and_quantize(lambda: export_pretrained(args.src, args.out), args)
 
 
 def run_export_trained(args: argparse.Namespace) -> int:
-    from .onnx_export import ExportError
     from .trained_export import export_checkpoint
 
-    try:
-        manifest = export_checkpoint(args.checkpoint, args.out)
-        _quantize_after(args.out, args)
-    except ExportError as exc:
-        print(f"edgecap: export failed: {exc}")
-        return 1
-    print(json.dumps({"out": str(args.out), "parity": manifest.provenance["parity"]}))
-    return 0
+    logging.getLogger("edgecap").setLevel(logging.INFO)
+    return _export_and_quantize(lambda: export_checkpoint(args.checkpoint, args.out), args)
 
 
 def run_quality_report(args: argparse.Namespace) -> int:
