@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -208,45 +209,110 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg (Debian package) not installed")
-def test_http_stream_reconnects_after_server_restart(tiny_export, scene_video, tmp_path):
-    video, _ = scene_video
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/live.ts"
+class Watcher:
+    """``edgecap watch URL`` in a subprocess: JSON lines to one file, its log to another (a log
+    file, not a pipe: a pipe nobody reads would block the watcher once it fills up)."""
 
-    def start_server():
-        return subprocess.Popen(
-            ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video),
-             "-c:v", "mpeg2video", "-q:v", "4", "-f", "mpegts", "-listen", "1", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, url: str, model: Path, folder: Path):
+        self.out, self.log = folder / "live.jsonl", folder / "watch.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edgecap.cli", "watch", url, "--model", str(model),
+                 "--out", str(self.out), "--timeout-s", "2"], stderr=log)
 
-    server = start_server()
-    out = tmp_path / "live.jsonl"
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "edgecap.cli", "watch", url, "--model", str(tiny_export),
-         "--out", str(out), "--timeout-s", "2"], stderr=subprocess.PIPE, text=True)
+    def lines(self) -> int:
+        return self.out.read_text().count("\n") if self.out.exists() else 0
 
-    def lines() -> int:
-        return out.read_text().count("\n") if out.exists() else 0
-
-    def wait_for(count: int, seconds: float) -> bool:
+    def wait_for(self, count: int, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if lines() >= count:
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self.lines() >= count:
                 return True
             time.sleep(0.1)
-        return False
+        return self.lines() >= count
+
+    def stop(self) -> int:
+        """SIGTERM (the watcher flushes and exits 0); SIGKILL if it does not within 30 s."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return -signal.SIGKILL
+
+
+def start_server(command: list[str], log: Path) -> subprocess.Popen:
+    # Its own process group, so killing the server also kills whatever it started.
+    with open(log, "a") as handle:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=handle,
+                                start_new_session=True)
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=10)
+
+
+def check_captions_resume_after_server_restart(url: str, server_command: list[str],
+                                               model: Path, folder: Path) -> None:
+    """Captions from a live server; the server is killed and restarted; the same watcher
+    process reconnects and captions again."""
+    server_log = folder / "server.log"
+    server = start_server(server_command, server_log)
+    watcher = Watcher(url, model, folder)
+
+    def logs() -> str:
+        return f"\nwatcher:\n{watcher.log.read_text()}\nserver:\n{server_log.read_text()}"
 
     try:
-        assert wait_for(3, 60), "no captions from the live stream"
-        server.kill()
-        server.wait()
-        time.sleep(2)
-        before = lines()
-        server = start_server()
-        assert wait_for(before + 3, 60), "captions did not resume after the server restart"
+        assert watcher.wait_for(3, 60), f"no captions from {url}{logs()}"
+        kill_server(server)
+        time.sleep(2)  # down long enough for the watcher to notice and start backing off
+        before = watcher.lines()
+        server = start_server(server_command, server_log)
+        assert watcher.wait_for(before + 3, 60), \
+            f"captions did not resume after the server restart{logs()}"
+        assert watcher.process.poll() is None  # resumed in the same process, not a new one
     finally:
-        server.kill()
-        watcher.send_signal(signal.SIGTERM)
-        watcher.wait(timeout=30)
-    assert "reconnect" in watcher.stderr.read()
+        try:
+            kill_server(server)
+        finally:
+            returncode = watcher.stop()
+    log = watcher.log.read_text()
+    assert returncode == 0, log
+    reconnects = re.search(r"(\d+) reconnects", log)  # the watcher's closing summary line
+    assert "reconnecting" in log and reconnects and int(reconnects.group(1)) >= 1, log
+    records = [json.loads(line) for line in watcher.out.read_text().splitlines()]
+    assert len(records) >= before + 3
+    indices = [record["frame_index"] for record in records]
+    assert indices == sorted(set(indices))  # one reader counted frames across the reconnect
+    assert all(isinstance(record["caption"], str) for record in records)
+
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None,
+                                  reason="ffmpeg (Debian package) not installed")
+
+
+@needs_ffmpeg
+def test_http_stream_reconnects_after_server_restart(tiny_export, scene_video, tmp_path):
+    video, _ = scene_video
+    url = f"http://127.0.0.1:{free_port()}/live.ts"
+    server = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1",
+              "-i", str(video), "-c:v", "mpeg2video", "-q:v", "4", "-f", "mpegts",
+              "-listen", "1", url]
+    check_captions_resume_after_server_restart(url, server, tiny_export, tmp_path)
+
+
+@needs_ffmpeg
+def test_rtsp_stream_reconnects_after_server_restart(tiny_export, scene_video, tmp_path):
+    video, _ = scene_video
+    port = free_port()
+    # ffmpeg publishes the video into a small RTSP relay, which serves it to the watcher.
+    server = [sys.executable, str(Path(__file__).with_name("rtsp_relay.py")),
+              "--port", str(port), "--video", str(video)]
+    url = f"rtsp://127.0.0.1:{port}/live"
+    check_captions_resume_after_server_restart(url, server, tiny_export, tmp_path)
