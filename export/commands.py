@@ -73,10 +73,18 @@ def register(commands) -> None:
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decoder-graph", choices=["fused", "traced"], default="fused",
+                        help="fused (default): the step written with ONNX Runtime's fused "
+                        "attention and layer-norm kernels; traced: the TorchScript trace of the "
+                        "same maths (slower; for runtimes without com.microsoft ops)")
     parser.add_argument("--quantize", default="none",
-                        choices=["none", "int8-dynamic", "int8-static", "fp16"],
-                        help="weight format of the written graphs (default: none = fp32; "
-                        "int8-dynamic is the recommended CPU format)")
+                        choices=["none", "int8-dynamic", "int8-static", "int4", "fp16"],
+                        help="weight format of the written graphs (default: none = fp32). CPU: "
+                        "int8-dynamic (4x smaller, closest to fp32) or int4 (decoder weights in "
+                        "4-bit blocks: fastest decoding, check quality with quality-report)")
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="int4: weights sharing one scale (16..256, power of 2; default 32; "
+                        "larger is faster and coarser)")
     parser.add_argument("--calibration", type=Path,
                         help="folder of images for int8-static calibration")
     parser.add_argument("--calibration-count", type=int, default=64,
@@ -135,7 +143,8 @@ def _export_and_quantize(export, args: argparse.Namespace) -> int:
 
             manifest = quantize_export(
                 args.out, args.out, mode=args.quantize, calibration=args.calibration,
-                calibration_count=args.calibration_count, exclude_nodes=tuple(args.keep_float))
+                calibration_count=args.calibration_count, exclude_nodes=tuple(args.keep_float),
+                block_size=args.block_size)
     except (ExportError, ValueError) as exc:
         print(f"edgecap: export failed: {exc}")
         return 1
@@ -148,14 +157,16 @@ def run_export(args: argparse.Namespace) -> int:
     from .onnx_export import export_pretrained
 
     logging.getLogger("edgecap").setLevel(logging.INFO)
-    return _export_and_quantize(lambda: export_pretrained(args.src, args.out), args)
+    return _export_and_quantize(lambda: export_pretrained(
+        args.src, args.out, fused=args.decoder_graph == "fused"), args)
 
 
 def run_export_trained(args: argparse.Namespace) -> int:
     from .trained_export import export_checkpoint
 
     logging.getLogger("edgecap").setLevel(logging.INFO)
-    return _export_and_quantize(lambda: export_checkpoint(args.checkpoint, args.out), args)
+    return _export_and_quantize(lambda: export_checkpoint(
+        args.checkpoint, args.out, fused=args.decoder_graph == "fused"), args)
 
 
 def run_quality_report(args: argparse.Namespace) -> int:

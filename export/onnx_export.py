@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from edgecap.manifest import GenerationOptions, Manifest, Preprocessing
 
+from .fused_step import UnsupportedForFusion, build_fused_step, check_fusable
 from .graphs import DecoderStepGraph, EncoderGraph, HFVisionEncoder, input_output_names
 
 log = logging.getLogger("edgecap.export")
@@ -40,7 +42,8 @@ class ExportError(RuntimeError):
     """The export could not be produced, or its graphs disagree with PyTorch."""
 
 
-def export_pretrained(src_dir: str | Path, out_dir: str | Path, *, check_steps: int = 4) -> Manifest:
+def export_pretrained(src_dir: str | Path, out_dir: str | Path, *, check_steps: int = 4,
+                      fused: bool = True) -> Manifest:
     """Export a local Hugging Face VisionEncoderDecoderModel directory into ``out_dir``."""
     from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
@@ -78,6 +81,7 @@ def export_pretrained(src_dir: str | Path, out_dir: str | Path, *, check_steps: 
             reference=reference,
             provenance={"source": str(src.resolve()), "source_kind": "hf-vision-encoder-decoder"},
             check_steps=check_steps,
+            fused=fused,
         )
 
 
@@ -144,6 +148,7 @@ def export_captioner(
     reference=None,
     provenance: dict[str, Any] | None = None,
     check_steps: int = 4,
+    fused: bool = True,
 ) -> Manifest:
     """Export ``encode`` (pixels -> states) and ``lm_model`` (GPT2LMHeadModel) into ``out_dir``.
 
@@ -157,6 +162,9 @@ def export_captioner(
         id_map: decoder id -> tokenizer id, when the decoder uses a pruned vocabulary.
         reference: optional ``(pixel_values, decoder_ids) -> logits [B, L, V]`` used as the parity
             oracle; defaults to running ``encode`` and ``lm_model`` in torch.
+        fused: write the decoder step with ONNX Runtime's fused attention / layer-norm ops
+            (``fused_step``) when the decoder allows it; False, or an unsupported decoder, traces
+            ``DecoderStepGraph`` instead. Both pass the same parity check.
     Returns:
         The manifest written into ``out_dir``.
     Raises:
@@ -184,12 +192,9 @@ def export_captioner(
         # eval(): the exporter restores each wrapper's mode afterwards, recursively, and a new
         # module starts in training mode (dropout on), which would leak into the parity check.
         encoder_graph = EncoderGraph(encode, lm_model.transformer.h, heads).eval()
-        decoder_graph = DecoderStepGraph(lm_model).eval()
         log.info("exporting encoder graph (%d decoder layers' cross K/V)", layers)
         _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", layers)
-        log.info("exporting decoder step graph")
-        _export_decoder(decoder_graph, staging / "decoder.onnx", layers, heads,
-                        config.n_embd // heads, encoder_seq_len)
+        decoder_kind = _write_decoder(lm_model, staging / "decoder.onnx", fused, encoder_seq_len)
         parity = check_parity(staging, pixels, reference, layers, special["decoder_start_token_id"],
                               config.vocab_size, steps=check_steps)
         log.info("parity vs torch: max |logit diff| %.2e", parity["max_abs_logit_diff"])
@@ -210,7 +215,8 @@ def export_captioner(
             id_map_file="id_map.json" if id_map is not None else None,
             opset=OPSET,
             shared_cross_kv=True,
-            provenance={**(provenance or {}), "parity": parity, "torch": torch.__version__},
+            provenance={**(provenance or {}), "parity": parity, "decoder_graph": decoder_kind,
+                        "torch": torch.__version__},
             **special,
         )
         manifest.write(staging)
@@ -255,6 +261,25 @@ def _export_encoder(graph: EncoderGraph, pixels: torch.Tensor, path: Path, layer
     cross, _, _ = input_output_names(layers)
     axes = {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in cross}}
     _export(graph, (pixels,), path, ["pixel_values"], cross, axes)
+
+
+def _write_decoder(lm_model: nn.Module, path: Path, fused: bool, encoder_seq_len: int) -> str:
+    """Write the decoder step graph; returns which kind was written ("fused" or "traced")."""
+    config = lm_model.config
+    if fused:
+        try:
+            check_fusable(config)
+        except UnsupportedForFusion as exc:
+            log.info("tracing the decoder step instead of fusing it: %s", exc)
+        else:
+            log.info("writing the fused decoder step graph")
+            onnx.save(build_fused_step(lm_model), str(path))
+            return "fused"
+    log.info("tracing the decoder step graph")
+    heads = config.n_head
+    _export_decoder(DecoderStepGraph(lm_model).eval(), path, config.n_layer, heads,
+                    config.n_embd // heads, encoder_seq_len)
+    return "traced"
 
 
 def _export_decoder(graph, path: Path, layers: int, heads: int, head_dim: int, enc_len: int) -> None:

@@ -5,6 +5,10 @@
   the bytes it moves by 4x.
 * int8-static: weights and activations int8 (QDQ), scales calibrated on a folder of images
   (encoder) and on the decoder steps those images produce; deterministic for a fixed set.
+* int4: the decoder's MatMul weights as 4-bit blocks (``MatMulNBits``, symmetric, one scale per
+  ``block_size`` inputs), activations quantized to int8 inside the kernel; the encoder as in
+  int8-dynamic. A greedy step reads every decoder weight once per token, so halving the bytes
+  again over int8 is what speeds up decoding on a CPU.
 * fp16: weights and math in float16 with float32 inputs/outputs kept, for GPU providers.
 
 The tied token embedding is one [width, vocab] matrix used by the LM head (MatMul) and the input
@@ -28,21 +32,25 @@ from edgecap.manifest import Manifest
 
 log = logging.getLogger("edgecap.export")
 
-MODES = ("none", "int8-dynamic", "int8-static", "fp16")
+MODES = ("none", "int8-dynamic", "int8-static", "int4", "fp16")
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 COPIED_FILES = ("tokenizer.json", "id_map.json")
 
 
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
                     calibration_count: int = 64, exclude_nodes: tuple[str, ...] = (),
-                    quantize_encoder: bool = True) -> Manifest:
+                    quantize_encoder: bool = True, block_size: int = 32) -> Manifest:
     """Write a ``mode`` version of the fp32 export ``src`` into ``out`` (may equal ``src``).
 
     Args:
+        block_size: int4 only: weights per scale along the input dimension.
         exclude_nodes: node names (or name prefixes) kept in float, e.g. "/MatMul_LM" for the head.
         quantize_encoder: False keeps the encoder graph in fp32 (quantize only the decoder).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
+    if mode == "int4" and block_size not in INT4_BLOCK_SIZES:
+        raise ValueError(f"int4 block size {block_size} unsupported; choose from {INT4_BLOCK_SIZES}")
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
     if manifest.quantization.get("mode", "none") != "none":
@@ -58,6 +66,11 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
             info["session_config"] = {"session.disable_quant_qdq": "1"}
             _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
             _dynamic(decoder_in, staging / "decoder.onnx", exclude_nodes, True)
+        elif mode == "int4":
+            info["session_config"] = {"session.disable_quant_qdq": "1"}
+            info["block_size"] = block_size
+            _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
+            _int4(decoder_in, staging / "decoder.onnx", exclude_nodes, block_size)
         elif mode == "int8-static":
             from .calibration import calibration_readers
 
@@ -121,10 +134,79 @@ def _dynamic(src: Path, dst: Path, exclude: tuple[str, ...], enabled: bool) -> N
     quantize_dynamic(
         str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
         op_types_to_quantize=["MatMul"], nodes_to_exclude=_excluded(src, exclude),
-        extra_options={"MatMulConstBOnly": True},
+        # DefaultTensorType: shape inference cannot type the outputs of com.microsoft fused ops
+        # (MultiHeadAttention, SkipLayerNormalization) in the fused decoder; they are all float.
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     share_quantized_embedding(dst)
     int8_conv_weights(dst)
+
+
+def _int4(src: Path, dst: Path, exclude: tuple[str, ...], block_size: int) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    # accuracy_level 4: the kernel quantizes activations to int8 and uses integer dot products
+    # (AVX-VNNI / AVX512-VNNI / ARM dot), the fast path on CPUs; weights stay 4-bit in memory.
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4, nodes_to_exclude=_excluded(src, exclude))
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer.process()
+    model = quantizer.model.model
+    share_int4_embedding(model, block_size)
+    onnx.save(model, str(dst))
+
+
+def share_int4_embedding(model: onnx.ModelProto, block_size: int) -> None:
+    """Gather the tied token embedding from the LM head's 4-bit matrix and drop the fp32 copy.
+
+    MatMulNBits stores the head as [vocab, blocks, block_size / 2] packed nibbles: one vocabulary
+    row per token, which is exactly an embedding table quantized along its width. The fused step
+    looks tokens up as Gather(output_embedding [width, vocab], ids, axis=1) -> Transpose, so that
+    pair becomes GatherBlockQuantized(rows of the packed matrix) -> Reshape [rows, 1, width].
+    Other graph shapes keep the fp32 table (correct, just larger).
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    packed, scales = inits.get("output_embedding_Q4"), inits.get("output_embedding_scales")
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == "output_embedding"]
+    if packed is None or scales is None or len(gathers) != 1:
+        return
+    gather = gathers[0]
+    consumers = [n for n in graph.node if gather.output[0] in n.input]
+    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+    perm = next((list(a.ints) for a in consumers[0].attribute if a.name == "perm"), None) if consumers else None
+    if axis != 1 or len(consumers) != 1 or consumers[0].op_type != "Transpose" or perm != [1, 2, 0]:
+        log.warning("int4: embedding lookup has an unexpected shape; keeping its fp32 table")
+        return
+    transpose = consumers[0]
+    vocab, blocks = packed.dims[0], packed.dims[1]
+    width = blocks * block_size
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and packed.name in n.input)
+    if next(a.i for a in head.attribute if a.name == "K") != width:
+        log.warning("int4: width is not a multiple of block %d; keeping the fp32 embedding", block_size)
+        return
+    gather_scales = numpy_helper.to_array(scales).reshape(vocab, blocks, 1)
+    graph.initializer.extend([
+        numpy_helper.from_array(gather_scales, "output_embedding_gather_scales"),
+        numpy_helper.from_array(np.array([-1, 1, width], np.int64), "output_embedding_row_shape"),
+    ])
+    picked = f"{gather.name}_int4"
+    new_nodes = [
+        helper.make_node("GatherBlockQuantized", [packed.name, gather.input[1], "output_embedding_gather_scales"],
+                         [picked], name=picked, domain="com.microsoft", bits=4, block_size=block_size,
+                         gather_axis=0, quantize_axis=2),
+        helper.make_node("Reshape", [picked, "output_embedding_row_shape"], [transpose.output[0]],
+                         name=f"{gather.name}_rows"),
+    ]
+    position = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.remove(transpose)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(position + offset, node)
+    if not any("output_embedding" in n.input for n in graph.node):
+        graph.initializer.remove(inits["output_embedding"])
+        log.info("embedding now gathered from the LM head's int4 matrix")
 
 
 def _static(src: Path, dst: Path, reader, exclude: tuple[str, ...], enabled: bool,

@@ -12,7 +12,8 @@ from edgecap.manifest import Preprocessing
 from .onnx_export import ExportError, export_captioner
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_steps: int = 4):
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_steps: int = 4,
+                      fused: bool = True):
     """Export ``checkpoint`` (encoder.pt, decoder/, id_map.json, tokenizer.json, preprocess.json).
 
     Returns:
@@ -49,4 +50,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_step
         id_map=id_map,
         provenance=provenance,
         check_steps=check_steps,
+        fused=fused,
     )

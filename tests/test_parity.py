@@ -84,3 +84,33 @@ def test_export_records_parity_and_no_duplicate_embedding(tiny_exports):
         vocab_sized = [i.name for i in graph.initializer if manifest.vocab_size in i.dims]
         # Tied GPT-2 embeddings must be stored once; an untied head is a second, distinct matrix.
         assert len(vocab_sized) == (1 if tied[name] else 2), vocab_sized
+        assert manifest.provenance["decoder_graph"] == "fused"
+
+
+@pytest.fixture(scope="module")
+def traced_exports(tiny_exports, tmp_path_factory):
+    """The same tiny models exported with the traced (TorchScript) decoder step instead."""
+    from edgecap.export.onnx_export import export_pretrained
+
+    root = tmp_path_factory.mktemp("traced")
+    exports = {}
+    for name in (CONFIGS[1].name, CONFIGS[2].name):  # tied and untied heads
+        hf_dir = tiny_exports[name][0]
+        export_pretrained(hf_dir, root / name, fused=False)
+        exports[name] = (hf_dir, root / name)
+    return exports
+
+
+@pytest.mark.parametrize("config_name", [CONFIGS[1].name, CONFIGS[2].name])
+@pytest.mark.parametrize("options", [DECODING_CASES[0], DECODING_CASES[4]])
+def test_traced_decoder_graph_also_equals_generate(traced_exports, flickr_images, config_name, options):
+    from edgecap import Captioner
+    from edgecap.manifest import Manifest
+
+    hf_dir, export_dir = traced_exports[config_name]
+    assert Manifest.read(export_dir).provenance["decoder_graph"] == "traced"
+    captioner = Captioner(export_dir)
+    images = flickr_images[:3]
+    expected = reference_tokens(hf_dir, images, captioner.manifest.eos_token_id, **options)
+    results = captioner.caption(images, max_new_tokens=10, batch_size=3, **options)
+    assert [r.token_ids for r in results] == expected
