@@ -1,7 +1,8 @@
 """Frame sources for ``edgecap watch``: video files, network streams, cameras and drop folders.
 
 Video goes through PyAV (extra ``[video]``). Live sources reconnect with exponential backoff
-after a read timeout or a lost connection; corrupt packets are skipped and counted.
+after a read timeout or a lost connection; corrupt packets are skipped and counted. A live
+source's frame times stay on one timeline across reconnects (see ``LiveClock``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class SourceError(EdgecapError):
 @dataclass
 class Frame:
     image: Image.Image
-    timestamp: float  # seconds on the stream's clock (file mtime order for folders)
+    timestamp: float  # stream seconds, one timeline across reconnects (folders: since start)
     index: int  # frame number as decoded (counts every decoded frame, captioned or not)
     name: str = ""  # file name for folder sources
 
@@ -44,8 +45,63 @@ def is_live(source: str) -> bool:
         or source.startswith("/dev/video")
 
 
+class LiveClock:
+    """One timeline for a live source across reconnects: frame times never go backwards.
+
+    Each new connection restarts the stream's own clock (RTSP from about 0, MPEG-TS over HTTP
+    from wherever the server's muxer starts). The first connection keeps its clock, moved
+    forward only if it starts below zero (RTSP's first frames can be a fraction of a second
+    early, and subtitle times cannot be negative). After that, the first frame of a new
+    connection is placed at the previous frame's time plus the wall-clock time from that frame's
+    arrival to the start of the new connection, so the timeline keeps pace with real time
+    through the outage and subtitle cues stay in order. (The new connection's start, not its
+    first frame's arrival: opening a stream probes it first, and the frames read while probing,
+    about 2 s of them on an MPEG-TS stream, come out in one burst afterwards.) A clock that
+    jumps backwards within one connection (an encoder restarted behind a relay, an MPEG-TS
+    timestamp wrap) is rebased by the time between the two frames' arrivals.
+    """
+
+    MIN_STEP_S = 0.001  # the smallest gap a rebase leaves: one subtitle millisecond
+
+    def __init__(self) -> None:
+        self.offset = 0.0  # added to the current connection's own seconds
+        self.last: tuple[float, float] | None = None  # (timeline seconds, monotonic arrival)
+        self.connected_at: float | None = None  # set by a reconnect, until its first frame
+
+    def reconnected(self, at: float) -> None:
+        """A new connection, with a clock of its own, was opened at ``at`` (monotonic)."""
+        self.connected_at = at if self.last is not None else None
+
+    def place(self, seconds: float, arrived: float) -> float:
+        """Timeline seconds for a frame at ``seconds`` on its connection's clock that arrived at
+        ``arrived`` (``time.monotonic()``)."""
+        if self.last is None:
+            self.offset = max(0.0, -seconds)
+        else:
+            last_seconds, last_arrived = self.last
+            if self.connected_at is not None:
+                gap = self.connected_at - last_arrived
+            elif seconds + self.offset < last_seconds:
+                gap = arrived - last_arrived
+            else:
+                gap = None
+            if gap is not None:
+                self.offset = last_seconds + max(gap, self.MIN_STEP_S) - seconds
+        self.connected_at = None
+        placed = seconds + self.offset
+        self.last = (placed, arrived)
+        return placed
+
+
 class VideoSource:
-    """Decode frames with PyAV. Live sources retry with backoff; files end at their end."""
+    """Decode frames with PyAV. Live sources retry with backoff; files end at their end.
+
+    Frame timestamps are the stream's presentation times in seconds. Files keep their own clock
+    unchanged. Live sources put every connection on one timeline (``LiveClock``): after a
+    reconnect, times continue from the last frame before the drop plus the wall-clock time from
+    its arrival to the reconnect, instead of restarting from the new connection's clock; a live
+    clock that starts below zero is moved to start at 0.
+    """
 
     def __init__(self, source: str, *, timeout_s: float = 5.0, max_backoff_s: float = 30.0,
                  max_reconnects: int | None = None):
@@ -83,7 +139,9 @@ class VideoSource:
         import av
 
         backoff, index = 0.5, 0
+        clock = LiveClock()
         while not self.stopped:
+            opening = time.monotonic()
             try:
                 container = self._open()
             except (av.FFmpegError, OSError) as exc:
@@ -92,6 +150,8 @@ class VideoSource:
                 backoff = self._wait_before_retry(f"cannot open ({exc})", backoff)
                 continue
             backoff = 0.5
+            clock.reconnected(opening)
+            decoded_here = 0  # frames from this connection: the clock when a frame has no pts
             try:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
@@ -104,9 +164,13 @@ class VideoSource:
                         self.stats.corrupt += 1
                         continue
                     for frame in decoded:
-                        seconds = float(frame.pts * stream.time_base) if frame.pts is not None else None
-                        yield Frame(frame.to_image(), seconds if seconds is not None else index / 25.0, index)
+                        seconds = float(frame.pts * stream.time_base) if frame.pts is not None \
+                            else decoded_here / 25.0
+                        if self.live:
+                            seconds = clock.place(seconds, time.monotonic())
+                        yield Frame(frame.to_image(), seconds, index)
                         index += 1
+                        decoded_here += 1
                 if not self.live:
                     return
                 log.warning("%s: stream ended; reconnecting", self.source)

@@ -35,7 +35,7 @@ class WatchOptions:
 
 @dataclass
 class CaptionRecord:
-    stream_time: float  # seconds on the source's clock
+    stream_time: float  # seconds on the source's clock; never goes back across reconnects
     wall_time: str  # ISO 8601 UTC when the caption was ready
     frame_index: int
     caption: str

@@ -21,7 +21,7 @@ from PIL import Image
 av = pytest.importorskip("av")
 
 from edgecap import Captioner  # noqa: E402
-from edgecap.sources import FolderSource, VideoSource  # noqa: E402
+from edgecap.sources import FolderSource, LiveClock, VideoSource  # noqa: E402
 from edgecap.watch import SubtitleWriter, WatchOptions, watch  # noqa: E402
 
 FPS = 10
@@ -106,6 +106,52 @@ def test_one_caption_per_scene_at_the_cut(tiny_export, scene_video, tmp_path):
     cues = check_srt((tmp_path / "out.srt").read_text())
     assert [c[0] for c in cues] == [r.stream_time for r in records]
     assert check_vtt((tmp_path / "out.vtt").read_text()) == len(records)
+
+
+def test_live_clock_carries_on_through_a_reconnect():
+    clock = LiveClock()
+    # The first connection keeps its own clock (MPEG-TS over HTTP starts near 1.4 s).
+    first = [clock.place(1.4 + i * 0.1, 100.0 + i * 0.1) for i in range(3)]
+    assert first == pytest.approx([1.4, 1.5, 1.6])
+    # Reconnected 3 s after the last frame; the new clock restarts at 0 and its first frames,
+    # read while the stream was probed, come out 2 s later: they count from the reconnect.
+    clock.reconnected(103.2)
+    assert clock.place(0.0, 105.2) == pytest.approx(4.6)
+    assert clock.place(0.1, 105.2) == pytest.approx(4.7)
+    # A clock that jumps back within one connection continues from the arrival gap.
+    assert clock.place(0.0, 105.5) == pytest.approx(5.0)
+    assert clock.place(0.1, 105.6) == pytest.approx(5.1)
+    # Even with no measurable wall-clock gap, time moves forward.
+    clock.reconnected(105.6)
+    assert clock.place(0.0, 105.6) > 5.1
+    # A reconnect before any frame has nothing to continue from: the clock is the stream's.
+    fresh = LiveClock()
+    fresh.reconnected(0.5)
+    assert fresh.place(5.0, 1.0) == 5.0
+    # A stream that starts a little below zero (RTSP) is moved up to start at 0.
+    early = LiveClock()
+    assert [early.place(t, 1.0 + t) for t in (-0.3, -0.2, 0.7)] == pytest.approx([0.0, 0.1, 1.0])
+
+
+def test_live_source_timeline_continues_when_the_clock_restarts(scene_video):
+    """A real file read as if it were live: at its end the source reconnects, and the reopened
+    file's clock restarts at 0, like a restarted server's."""
+    video, cuts = scene_video
+    per_pass = len(cuts) * int(SCENE_SECONDS * FPS)
+    source = VideoSource(str(video))
+    source.live = True
+    frames, wanted = [], per_pass + per_pass // 2  # stop half-way through the second pass
+    for frame in source.frames():
+        frames.append(frame)
+        if len(frames) == wanted:
+            source.stop()
+    times = [frame.timestamp for frame in frames]
+    assert len(times) == wanted and source.stats.reconnects == 1
+    assert times[:per_pass] == pytest.approx([i / FPS for i in range(per_pass)])
+    # The reconnect waits 0.5 s (the first backoff) before reopening the file.
+    assert 0.5 <= times[per_pass] - times[per_pass - 1] < 5.0
+    assert np.diff(times[per_pass:]) == pytest.approx(1.0 / FPS)
+    assert [frame.index for frame in frames] == list(range(wanted))
 
 
 def test_heartbeat_adds_captions_within_a_scene(tiny_export, scene_video):
@@ -215,10 +261,12 @@ class Watcher:
 
     def __init__(self, url: str, model: Path, folder: Path):
         self.out, self.log = folder / "live.jsonl", folder / "watch.log"
+        self.srt, self.vtt = folder / "live.srt", folder / "live.vtt"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "edgecap.cli", "watch", url, "--model", str(model),
-                 "--out", str(self.out), "--timeout-s", "2"], stderr=log)
+                 "--out", str(self.out), "--srt", str(self.srt), "--vtt", str(self.vtt),
+                 "--timeout-s", "2"], stderr=log)
 
     def lines(self) -> int:
         return self.out.read_text().count("\n") if self.out.exists() else 0
@@ -257,12 +305,17 @@ def kill_server(server: subprocess.Popen) -> None:
     server.wait(timeout=10)
 
 
+DOWNTIME_S = 2.0  # how long the test server stays dead before it is restarted
+
+
 def check_captions_resume_after_server_restart(url: str, server_command: list[str],
                                                model: Path, folder: Path) -> None:
     """Captions from a live server; the server is killed and restarted; the same watcher
-    process reconnects and captions again."""
+    process reconnects and captions again, on one timeline that never goes backwards (the new
+    connection's clock restarts), so its SRT and WebVTT cues stay valid."""
     server_log = folder / "server.log"
     server = start_server(server_command, server_log)
+    started = time.monotonic()
     watcher = Watcher(url, model, folder)
 
     def logs() -> str:
@@ -271,7 +324,7 @@ def check_captions_resume_after_server_restart(url: str, server_command: list[st
     try:
         assert watcher.wait_for(3, 60), f"no captions from {url}{logs()}"
         kill_server(server)
-        time.sleep(2)  # down long enough for the watcher to notice and start backing off
+        time.sleep(DOWNTIME_S)  # long enough for the watcher to notice and start backing off
         before = watcher.lines()
         server = start_server(server_command, server_log)
         assert watcher.wait_for(before + 3, 60), \
@@ -282,6 +335,7 @@ def check_captions_resume_after_server_restart(url: str, server_command: list[st
             kill_server(server)
         finally:
             returncode = watcher.stop()
+    elapsed = time.monotonic() - started
     log = watcher.log.read_text()
     assert returncode == 0, log
     reconnects = re.search(r"(\d+) reconnects", log)  # the watcher's closing summary line
@@ -291,6 +345,18 @@ def check_captions_resume_after_server_restart(url: str, server_command: list[st
     indices = [record["frame_index"] for record in records]
     assert indices == sorted(set(indices))  # one reader counted frames across the reconnect
     assert all(isinstance(record["caption"], str) for record in records)
+    times = [record["stream_time"] for record in records]
+    assert all(a < b for a, b in zip(times, times[1:])), f"stream_time went backwards: {times}"
+    # Records up to `before` came from the first connection, the rest from the second. The
+    # timeline carries on through the outage at wall-clock pace: the gap covers the downtime,
+    # and the whole span is no longer than the servers and the watcher ran (1 s of slack: where
+    # a connection's clock starts against the wall clock is up to the server).
+    assert times[before] - times[before - 1] >= DOWNTIME_S, times
+    assert times[-1] - times[0] <= elapsed + 1.0, (times, elapsed)
+    cues = check_srt(watcher.srt.read_text())
+    assert len(cues) == len(records)
+    assert all(abs(cue[0] - t) <= 0.0015 for cue, t in zip(cues, times)), (cues, times)
+    assert check_vtt(watcher.vtt.read_text()) == len(records)
 
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None,
