@@ -1,7 +1,9 @@
 """``python -m benchmarks``: edgecap vs PyTorch generate() vs optimum, same weights, one run.
 
-Each system runs in its own worker process (so its peak RSS and cold start are its own), one
-after another on the same machine; ratios are against PyTorch measured in the same run.
+Each system runs in its own worker process (so its peak RSS and cold start are its own). The
+workers are started one at a time, then take turns in short time slices for every case, so the
+machine's drifts in speed (it is shared) hit every system alike; ratios are against PyTorch
+measured in the same run.
 Writes benchmarks/results/<date>-<machine>.{json,md} and PNG plots.
 """
 
@@ -16,12 +18,14 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .models import ensure_exports
+from .worker import NEW_TOKENS
 
 HERE = Path(__file__).resolve().parent
 FLICKR = HERE.parents[0].parent / "shared" / "data" / "flickr8k"
@@ -71,19 +75,80 @@ def optimum_exports(hf_dir: Path, root: Path) -> dict[str, Path]:
     return out
 
 
-def run_worker(system: str, model_dir: Path, images: list[str], cases: str, reps: int,
-               budget: float, optimum_dir: Path | None = None) -> dict | None:
-    command = [sys.executable, "-m", "benchmarks.worker", "--system", system,
-               "--model-dir", str(model_dir), "--images", *images, "--cases", cases,
-               "--reps", str(reps), "--budget-s", str(budget), "--launched-at", str(time.time())]
-    if optimum_dir:
-        command += ["--optimum-dir", str(optimum_dir)]
-    proc = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True)
-    if proc.returncode != 0:
-        log.warning("%s failed:\n%s", system, proc.stderr[-3000:])
-        return None
-    sys.stderr.write("".join(l + "\n" for l in proc.stderr.splitlines() if " p50 " in l))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Worker:
+    """One system's worker process, driven over stdin/stdout with one JSON object per line."""
+
+    def __init__(self, system: str, model_dir: Path, images: list[str], optimum_dir: Path | None):
+        command = [sys.executable, "-m", "benchmarks.worker", "--system", system,
+                   "--model-dir", str(model_dir), "--images", *images,
+                   "--launched-at", str(time.time())]
+        if optimum_dir:
+            command += ["--optimum-dir", str(optimum_dir)]
+        self.system = system
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(command, cwd=HERE.parent, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.report = {"system": system, **self._reply(), "cases": {}}
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"{self.system} worker died:\n{self.log.read()[-3000:]}")
+        return json.loads(line)
+
+    def ask(self, **command) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def add(self, case: str, result: dict) -> None:
+        data = self.report["cases"].setdefault(case, {"batch": result["batch"], "beams": result["beams"],
+                                                      "latency_ms": [], "encoder": [], "decode": []})
+        data["latency_ms"] += result["latency_ms"]
+        data["encoder"] += result["encoder_ms"]
+        data["decode"] += result["decode_ms"]
+        data["tokens"] = result["tokens"]
+
+    def reps(self, case: str) -> int:
+        return len(self.report["cases"].get(case, {}).get("latency_ms", []))
+
+    def finish(self) -> dict:
+        self.report.update(self.ask(op="quit"))
+        self.proc.wait(timeout=60)
+        for data in self.report["cases"].values():
+            data["encoder_ms"] = float(np.median(data.pop("encoder")))
+            data["decode_ms_per_token"] = float(np.median(data.pop("decode"))) / NEW_TOKENS
+        return self.report
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def run_interleaved(workers: list[Worker], cases: list[str], reps: int, budget_s: float,
+                    slice_s: float, settle_s: float) -> None:
+    """Per case: warm every system up, then give each a time slice in turn until every system has
+    ``reps`` timed runs or the case's budget (``budget_s`` per system) is spent (at least 3 runs
+    each). Slices interleave, so drifts in machine speed hit all systems alike; a short pause
+    after each slice lets the previous system's threads go idle before the next one starts."""
+    for case in cases:
+        for worker in workers:
+            worker.ask(op="warm", case=case)
+            time.sleep(settle_s)
+        deadline = time.perf_counter() + budget_s * len(workers)
+        while True:
+            pending = [w for w in workers if w.reps(case) < reps]
+            if not pending or (time.perf_counter() > deadline and all(w.reps(case) >= 3 for w in pending)):
+                break
+            for worker in pending:
+                worker.add(case, worker.ask(op="run", case=case, slice_s=slice_s,
+                                            max_reps=reps - worker.reps(case)))
+                time.sleep(settle_s)
+        for worker in workers:
+            latencies = worker.report["cases"][case]["latency_ms"]
+            log.info("%s %s: p50 %.0f ms (%d reps)", worker.system, case, np.median(latencies),
+                     len(latencies))
 
 
 def summarize(reports: list[dict]) -> dict:
@@ -176,14 +241,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/edgecap/bench",
                         help="where models and exports are built and kept (outside the repo)")
-    parser.add_argument("--systems", default="pytorch,optimum-fp32,optimum-int8,edgecap-fp32,edgecap-int8")
+    parser.add_argument("--systems",
+                        default="pytorch,optimum-fp32,optimum-int8,edgecap-fp32,edgecap-int8,edgecap-int4")
     parser.add_argument("--cases", default="greedy:1,beam4:1,greedy:8,beam4:8")
     parser.add_argument("--reps", type=int, default=30, help="max timed repetitions per case")
-    parser.add_argument("--budget-s", type=float, default=25.0, help="time per case per system")
+    parser.add_argument("--budget-s", type=float, default=20.0,
+                        help="timed seconds per case per system (at least 3 runs each)")
+    parser.add_argument("--slice-s", type=float, default=2.0,
+                        help="seconds a system runs before the next one takes over")
+    parser.add_argument("--settle-s", type=float, default=0.3,
+                        help="idle pause between slices (lets thread pools go to sleep)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("root").setLevel(logging.WARNING)
 
     started = time.perf_counter()
@@ -194,20 +265,25 @@ def main(argv=None) -> int:
     names = [l.strip() for l in (FLICKR / "split_test.txt").read_text().splitlines() if l.strip()]
     images = [str(FLICKR / "images" / n) for n in names[:8]]
     model_for = {"pytorch": paths["hf"], "optimum-fp32": paths["hf"], "optimum-int8": paths["hf"],
-                 "edgecap-fp32": paths["none"], "edgecap-int8": paths["int8-dynamic"]}
-    reports = []
-    for system in systems:
-        if system.startswith("optimum") and system not in paths:
-            continue
-        log.info("running %s", system)
-        report = run_worker(system, model_for[system], images, args.cases, args.reps,
-                            args.budget_s, paths.get(system))
-        if report:
-            reports.append(report)
+                 "edgecap-fp32": paths["none"], "edgecap-int8": paths["int8-dynamic"],
+                 "edgecap-int4": paths["int4"]}
+    workers: list[Worker] = []
+    try:
+        for system in systems:  # started one at a time: cold starts are not contended
+            if system.startswith("optimum") and system not in paths:
+                continue
+            log.info("starting %s", system)
+            workers.append(Worker(system, model_for[system], images, paths.get(system)))
+        run_interleaved(workers, args.cases.split(","), args.reps, args.budget_s, args.slice_s,
+                        args.settle_s)
+        reports = [worker.finish() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
     date = datetime.date.today().isoformat()
     result = {
         "date": date, "machine": machine_name(), "threads": len(os.sched_getaffinity(0)),
-        "model": "vit-base-16-224 + gpt2 (12 layers), random weights", "new_tokens": 20,
+        "model": "vit-base-16-224 + gpt2 (12 layers), random weights", "new_tokens": NEW_TOKENS,
         "table": summarize(reports), "equal_work": equal_work(reports),
         "systems": {r["system"]: {k: r[k] for k in ("size_bytes", "peak_rss_mb", "cold_start_s")}
                     for r in reports},

@@ -45,15 +45,27 @@ def build_vit_gpt2(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def ensure_exports(root: Path, modes: tuple[str, ...] = ("none", "int8-dynamic")) -> dict[str, Path]:
-    """Build the HF model and its edgecap exports under ``root`` (reused when present)."""
+MODES = ("none", "int8-dynamic", "int4")
+
+
+def ensure_exports(root: Path, modes: tuple[str, ...] = MODES) -> dict[str, Path]:
+    """Build the HF model and its edgecap exports under ``root``.
+
+    Exports are reused while they match what this version of edgecap writes (the decoder graph
+    kind); a stale fp32 export is redone and every quantized one with it.
+    """
+    import shutil
+
     from edgecap.export.onnx_export import export_pretrained
     from edgecap.export.quantize import quantize_export
+    from edgecap.manifest import Manifest
 
     hf_dir = build_vit_gpt2(root / "hf")
     paths = {"hf": hf_dir}
     fp32 = root / "edgecap-fp32"
-    if not (fp32 / "manifest.json").is_file():
+    if not _current(fp32):
+        for stale in [fp32] + [root / f"edgecap-{mode}" for mode in modes if mode != "none"]:
+            shutil.rmtree(stale, ignore_errors=True)
         started = time.perf_counter()
         export_pretrained(hf_dir, fp32)
         log.info("fp32 export: %.0f s", time.perf_counter() - started)
@@ -62,10 +74,18 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = ("none", "int8-dynamic")
         if mode == "none":
             continue
         target = root / f"edgecap-{mode}"
-        if not (target / "manifest.json").is_file():
+        if not (target / "manifest.json").is_file() or Manifest.read(target).quantization["mode"] != mode:
             quantize_export(fp32, target, mode=mode)
         paths[mode] = target
     return paths
+
+
+def _current(export: Path) -> bool:
+    from edgecap.manifest import Manifest
+
+    if not (export / "manifest.json").is_file():
+        return False
+    return Manifest.read(export).provenance.get("decoder_graph") == "fused"
 
 
 def file_sizes(directory: Path) -> dict[str, int]:

@@ -1,7 +1,9 @@
 """One benchmarked system in its own process, so peak RSS and cold start are its own.
 
-Prints one JSON object: per case the per-image latencies, encoder and per-token times, the token
-ids produced (for the equal-work check), plus peak RSS, cold start and model size on disk.
+The process loads its system, replies with its cold start and size, then runs the cases it is
+told to, one time slice at a time, replying with latencies, encoder and decode times and the
+token ids produced (for the equal-work check). The parent interleaves the systems' slices so
+that a noisy minute on a shared machine hits every system alike.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 NEW_TOKENS = 20  # every system generates exactly this many tokens (min = max)
 
@@ -102,47 +102,54 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--optimum-dir", type=Path)
     parser.add_argument("--images", nargs="+", required=True)
-    parser.add_argument("--cases", default="greedy:1,beam4:1,greedy:8,beam4:8")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--budget-s", type=float, default=60.0, help="per case, after warm-up")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--launched-at", type=float, required=True)
     args = parser.parse_args(argv)
+
+    # Replies go to the real stdout; anything a library prints goes to stderr instead.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
 
     if args.system.startswith("edgecap"):
         system = EdgecapSystem(args.model_dir, args.threads)
     else:
         system = HFSystem(args.system.split("-")[0], args.model_dir, args.threads, args.optimum_dir)
-    first_tokens, _, _ = system.run(args.images[:1], 1)
-    cold_start_s = time.time() - args.launched_at
+    system.run(args.images[:1], 1)
+    reply({"cold_start_s": time.time() - args.launched_at, "size_bytes": system.size,
+           "threads": args.threads})
 
-    report = {"system": args.system, "size_bytes": system.size, "cold_start_s": cold_start_s,
-              "threads": args.threads, "cases": {}}
-    for case in args.cases.split(","):
-        mode, batch = case.split(":")
+    # Commands, one JSON object per line on stdin (see benchmarks/__main__.py):
+    #   {"op": "warm", "case": "beam4:8"}             one untimed run
+    #   {"op": "run", "case": ..., "slice_s": s, "max_reps": n}  timed runs for about s seconds
+    #   {"op": "quit"}                                 reply with peak RSS and exit
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            reply({"peak_rss_mb": peak_rss_mb()})
+            return 0
+        mode, batch = command["case"].split(":")
         beams = 1 if mode == "greedy" else int(mode.removeprefix("beam"))
         images = args.images[: int(batch)]
-        tokens, _, _ = system.run(images, beams)  # warm-up
-        latencies, encoder, decode = [], [], []
+        if command["op"] == "warm":
+            system.run(images, beams)
+            reply({"ok": True})
+            continue
+        latencies, encoder, decode, tokens = [], [], [], None
         started = time.perf_counter()
-        while len(latencies) < args.reps and (time.perf_counter() - started < args.budget_s
-                                              or len(latencies) < 3):
+        while not latencies or (time.perf_counter() - started < command["slice_s"]
+                                and len(latencies) < command["max_reps"]):
             began = time.perf_counter()
             tokens, enc_ms, dec_ms = system.run(images, beams)
             latencies.append((time.perf_counter() - began) * 1e3)
             encoder.append(enc_ms)
             decode.append(dec_ms)
-        report["cases"][case] = {
-            "batch": len(images), "beams": beams, "latency_ms": latencies,
-            "encoder_ms": float(np.median(encoder)),
-            "decode_ms_per_token": float(np.median(decode)) / NEW_TOKENS,
-            "tokens": tokens,
-        }
-        print(f"{args.system} {case}: p50 {np.median(latencies):.0f} ms ({len(latencies)} reps)",
-              file=sys.stderr, flush=True)
-    report["peak_rss_mb"] = peak_rss_mb()
-    print(json.dumps(report))
-    return 0
+        reply({"latency_ms": latencies, "encoder_ms": encoder, "decode_ms": decode,
+               "tokens": tokens, "batch": len(images), "beams": beams})
+    return 1  # stdin closed without "quit"
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ COPIED_FILES = ("tokenizer.json", "id_map.json")
 
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
                     calibration_count: int = 64, exclude_nodes: tuple[str, ...] = (),
-                    quantize_encoder: bool = True, block_size: int = 32) -> Manifest:
+                    quantize_encoder: bool = True, block_size: int = 128) -> Manifest:
     """Write a ``mode`` version of the fp32 export ``src`` into ``out`` (may equal ``src``).
 
     Args:
@@ -53,6 +53,12 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
         raise ValueError(f"int4 block size {block_size} unsupported; choose from {INT4_BLOCK_SIZES}")
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
+    width = manifest.num_heads * manifest.head_dim
+    if mode == "int4" and width % block_size:
+        # Padded blocks would waste space and the tied embedding could not share the head's rows.
+        fitting = max(b for b in INT4_BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
+        hint = f"; use --block-size {fitting}" if fitting else ""
+        raise ValueError(f"int4 block size {block_size} does not divide the decoder width {width}{hint}")
     if manifest.quantization.get("mode", "none") != "none":
         raise ValueError(f"{src} is already quantized ({manifest.quantization['mode']}); start from fp32")
     with tempfile.TemporaryDirectory() as tmp:

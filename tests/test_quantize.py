@@ -25,7 +25,7 @@ def calibration_dir(tmp_path_factory, flickr_images):
 def test_mode_exports_loads_and_captions(tiny_export, tmp_path, flickr_images, calibration_dir, mode):
     out = tmp_path / mode
     manifest = quantize_export(tiny_export, out, mode=mode, calibration=calibration_dir,
-                               calibration_count=4)
+                               calibration_count=4, block_size=32)  # block: int4 only; width 32
     assert manifest.quantization["mode"] == mode
     captioner = Captioner(out)  # no flags: the manifest says what it is
     assert captioner.manifest.quantization["mode"] == mode
@@ -94,6 +94,13 @@ def test_int4_gathers_tokens_from_the_heads_packed_matrix(tiny_export, tmp_path)
     step = np.abs(np.repeat(scales[ids[:, 0]], 16, axis=1))  # the quantizer may pick negative scales
     error = np.abs(gathered - table[:, ids[:, 0]].T)
     assert np.all(error <= step + 1e-6), float(np.max(error / step))
+
+
+def test_int4_block_must_divide_the_width(tiny_export, tmp_path):
+    with pytest.raises(ValueError, match="block size 128 does not divide the decoder width 32; "
+                                         "use --block-size 32"):
+        quantize_export(tiny_export, tmp_path / "q", mode="int4", block_size=128)
+    assert not (tmp_path / "q").exists()
 
 
 def test_static_calibration_is_deterministic(tiny_export, tmp_path, calibration_dir):
