@@ -3,10 +3,10 @@
 Same inputs, outputs and maths as ``graphs.DecoderStepGraph`` (the traced version), but each layer
 is about a dozen nodes instead of ~70: ``MultiHeadAttention`` (com.microsoft) does the head split,
 scaled scores, softmax, weighted sum and KV-cache append in one kernel, ``SkipLayerNormalization``
-folds the residual add and bias into the next layer norm, and ``FastGelu`` takes the MLP bias. At
-batch 1 a step is a few microseconds of work per node, so the node count is a large part of a
-step's time on a small CPU (measured on ViT-base + GPT-2: 850 -> ~180 nodes after ORT's own
-optimizations).
+folds the residual add and bias into the next layer norm, and ``FastGelu`` takes the MLP bias.
+Measured after ORT's own optimizations, GPT-2 small: 850 -> 192 nodes, int8 step 9.3 -> 8.9 ms
+(weights dominate there); the default model's small decoder, where per-node overhead weighs
+most: decoding 1.2x faster end to end.
 
 Every weight-bearing product stays a plain ``MatMul`` on a constant, so the int8 and int4
 quantizers handle the graph unchanged. Export runs the same parity check against PyTorch as for
