@@ -139,14 +139,17 @@ def test_corpus_every_input_gets_one_clear_line(tiny_export, flickr_images, tmp_
 def test_killed_batch_run_resumes_without_loss_or_duplicates(tiny_export, flickr_images, tmp_path, sig):
     folder = tmp_path / "images"
     folder.mkdir()
-    # Enough images that the signal lands mid-run even when captioning a tiny model takes ~2 ms.
-    count = 150
+    # Enough images that the signal lands mid-run even when a tiny-model caption takes ~2 ms.
+    count = 80
     for i in range(count):
         (folder / f"img{i:03d}.jpg").write_bytes(flickr_images[i % len(flickr_images)].read_bytes())
     out = tmp_path / "results.jsonl"
     command = [sys.executable, "-m", "edgecap.cli", "caption", str(folder), "--model",
                str(tiny_export), "--out", str(out), "--batch-size", "1", "--beams", "4"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored and children inherit that; give the run
+    # the default disposition, as an interactive Ctrl-C would find it.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if out.exists() and out.read_text().count("\n") >= 5:
