@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     manifest = Manifest.read(args.model)
     config = manifest.quantization.get("session_config", {})
     encoder = build_session(os.path.join(args.model, manifest.encoder_file), config=config)
-    decoder = build_session(os.path.join(args.model, manifest.decoder_file), config=config, profile=True)
+    decoder = build_session(os.path.join(args.model, manifest.decoder_file), config=config, profile=True,
+                            spinning=True)
     runner = GraphRunner(encoder, decoder, manifest)
     pre = manifest.preprocessing
     pixels = np.random.default_rng(0).standard_normal((1, 3, pre.height, pre.width), np.float32)

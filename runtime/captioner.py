@@ -72,7 +72,7 @@ class Captioner:
         encoder = build_session(self.model_dir / m.encoder_file, threads=cpu_threads,
                                 device=device, config=config)
         decoder = build_session(self.model_dir / m.decoder_file, threads=cpu_threads,
-                                device=device, config=config)
+                                device=device, config=config, spinning=True)
         _check_graphs(encoder, decoder, m, self.model_dir)
         self.runner = GraphRunner(encoder, decoder, m)
 
