@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    logging.getLogger("root").setLevel(logging.WARNING)
+    logging.getLogger("root").setLevel(logging.WARNING)  # quantizers' chatter goes to the root logger
+    log.setLevel(logging.INFO)  # progress lines, which would otherwise inherit the root's WARNING
 
     started = time.perf_counter()
     paths = ensure_exports(args.work_dir)
