@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("source")
     watch.add_argument("--model", help="export directory (default: the embedded model)")
-    watch.add_argument("--fps", type=float, help="at most this many captions per second")
+    watch.add_argument("--fps", type=float,
+                       help="at most this many captions per second (files: per second of video; "
+                       "folders: files wait their turn, none is skipped)")
     watch.add_argument("--out", type=Path, help="append JSON lines here (default: stdout)")
     watch.add_argument("--srt", type=Path, help="write SRT subtitles here")
     watch.add_argument("--vtt", type=Path, help="write WebVTT subtitles here")
@@ -144,8 +146,10 @@ def run_watch(args: argparse.Namespace) -> int:
         jsonl.close()
         for writer in subtitles:
             writer.close()
-        print(f"edgecap: {count} captions, {source.stats.corrupt} corrupt frames skipped, "
-              f"{source.stats.reconnects} reconnects", file=sys.stderr)
+        stats = source.stats
+        print(f"edgecap: {count} captions, {stats.corrupt} corrupt frames skipped, "
+              f"{stats.damaged_packets} damaged packets, {stats.reconnects} reconnects",
+              file=sys.stderr)
     return 0
 
 

@@ -1,13 +1,17 @@
 """Frame sources for ``edgecap watch``: video files, network streams, cameras and drop folders.
 
 Video goes through PyAV (extra ``[video]``). Live sources reconnect with exponential backoff
-after a read timeout or a lost connection; corrupt packets are skipped and counted. A live
-source's frame times stay on one timeline across reconnects (see ``LiveClock``).
+after a read timeout or a lost connection; frames that fail to decode or come out flagged
+corrupt are skipped and counted; packets the demuxer flags as damaged are counted and still
+decoded (the decoder conceals the damage). A live source's frame times stay on one timeline
+across reconnects (see ``LiveClock``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,8 @@ class Frame:
 
 @dataclass
 class SourceStats:
-    corrupt: int = 0  # packets or frames that failed to decode and were skipped
+    corrupt: int = 0  # frames that failed to decode or came out flagged corrupt: skipped
+    damaged_packets: int = 0  # packets the demuxer flagged (checksum, continuity): decoded anyway
     reconnects: int = 0
 
 
@@ -103,8 +108,8 @@ class VideoSource:
     clock that starts below zero is moved to start at 0.
     """
 
-    def __init__(self, source: str, *, timeout_s: float = 5.0, max_backoff_s: float = 30.0,
-                 max_reconnects: int | None = None):
+    def __init__(self, source: str, *, timeout_s: float = 5.0, min_backoff_s: float = 0.5,
+                 max_backoff_s: float = 30.0, max_reconnects: int | None = None):
         try:
             import av  # noqa: F401
         except ImportError:
@@ -112,6 +117,7 @@ class VideoSource:
         self.source = source
         self.live = is_live(source)
         self.timeout_s = timeout_s
+        self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.max_reconnects = max_reconnects
         self.stats = SourceStats()
@@ -138,7 +144,7 @@ class VideoSource:
     def frames(self) -> Iterator[Frame]:
         import av
 
-        backoff, index = 0.5, 0
+        backoff, index = self.min_backoff_s, 0
         clock = LiveClock()
         while not self.stopped:
             opening = time.monotonic()
@@ -149,7 +155,6 @@ class VideoSource:
                     raise SourceError(f"{self.source}: cannot open video ({exc})") from None
                 backoff = self._wait_before_retry(f"cannot open ({exc})", backoff)
                 continue
-            backoff = 0.5
             clock.reconnected(opening)
             decoded_here = 0  # frames from this connection: the clock when a frame has no pts
             try:
@@ -158,35 +163,66 @@ class VideoSource:
                 for packet in container.demux(stream):
                     if self.stopped:
                         return
-                    try:
-                        decoded = packet.decode()
-                    except av.FFmpegError:
-                        self.stats.corrupt += 1
-                        continue
-                    for frame in decoded:
+                    for frame in self._decode(packet):
+                        if decoded_here == 0:
+                            # Reset only once frames flow: a server that accepts and then fails
+                            # at once must still be retried ever more slowly.
+                            backoff = self.min_backoff_s
+                        decoded_here += 1
                         seconds = float(frame.pts * stream.time_base) if frame.pts is not None \
-                            else decoded_here / 25.0
+                            else self._untimed_seconds(stream, decoded_here - 1)
                         if self.live:
                             seconds = clock.place(seconds, time.monotonic())
-                        yield Frame(frame.to_image(), seconds, index)
+                        try:
+                            image = frame.to_image()
+                        except (av.FFmpegError, ValueError):
+                            self.stats.corrupt += 1
+                            continue
+                        yield Frame(image, seconds, index)
                         index += 1
-                        decoded_here += 1
                 if not self.live:
                     return
                 log.warning("%s: stream ended; reconnecting", self.source)
             except (av.FFmpegError, OSError) as exc:
                 if not self.live:
-                    raise SourceError(f"{self.source}: read failed ({exc})") from None
+                    # A file damaged past this point (truncated, garbage): keep what was read.
+                    self.stats.corrupt += 1
+                    log.warning("%s: read failed after %d frames (%s); stopping there",
+                                self.source, decoded_here, exc)
+                    return
                 log.warning("%s: read failed (%s); reconnecting", self.source, exc)
             finally:
                 container.close()
             backoff = self._wait_before_retry("disconnected", backoff)
 
+    def _decode(self, packet) -> list:
+        """Frames from one packet, without the ones that fail to decode or come out flagged
+        corrupt (counted). Damaged packets are still decoded: the decoder conceals what it can
+        and the frames after them stay usable."""
+        import av
+
+        if packet.is_corrupt:
+            self.stats.damaged_packets += 1
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            self.stats.corrupt += 1
+            return []
+        good = [frame for frame in frames if not frame.is_corrupt]
+        self.stats.corrupt += len(frames) - len(good)
+        return good
+
+    @staticmethod
+    def _untimed_seconds(stream, position: int) -> float:
+        """A frame with no timestamp: place it by the stream's nominal rate (25 fps if unknown)."""
+        rate = stream.average_rate or stream.guessed_rate
+        return position / float(rate) if rate else position / 25.0
+
     def _wait_before_retry(self, why: str, backoff: float) -> float:
         self.stats.reconnects += 1
         if self.max_reconnects is not None and self.stats.reconnects > self.max_reconnects:
             raise SourceError(f"{self.source}: gave up after {self.max_reconnects} reconnects ({why})")
-        log.warning("%s: %s; retry in %.1f s", self.source, why, backoff)
+        log.warning("%s: %s; retry in %.2f s", self.source, why, backoff)
         deadline = time.monotonic() + backoff
         while time.monotonic() < deadline and not self.stopped:
             time.sleep(0.05)
@@ -214,12 +250,9 @@ class FolderSource:
         index, started = 0, time.monotonic()
         sizes: dict[str, int] = {}
         while not self.stopped:
-            fresh = sorted(
-                (p for p in self.folder.iterdir()
-                 if p.is_file() and p.name not in self.seen and p.suffix.lower() in IMAGE_SUFFIXES),
-                key=lambda p: (p.stat().st_mtime, p.name))
-            for path in fresh:
-                size = path.stat().st_size
+            fresh = sorted(self._new_files(), key=lambda item: (item[1].st_mtime, item[0].name))
+            for path, status in fresh:
+                size = status.st_size
                 if sizes.get(path.name) != size:  # still being written: look again next poll
                     sizes[path.name] = size
                     continue
@@ -234,6 +267,20 @@ class FolderSource:
                 yield Frame(image, time.monotonic() - started, index, path.name)
                 index += 1
             time.sleep(self.poll_s)
+
+    def _new_files(self) -> list[tuple[Path, os.stat_result]]:
+        """Unseen image files with their status; a file removed while listing is skipped."""
+        found = []
+        for path in self.folder.iterdir():
+            if path.name in self.seen or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(status.st_mode):
+                found.append((path, status))
+        return found
 
     def stop(self) -> None:
         self.stopped = True

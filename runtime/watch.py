@@ -121,17 +121,24 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
     last_signature, last_text = None, None
     last_caption_at, last_heartbeat_stream = -1e9, None
     dropped_reported = 0
+    min_gap_s = 1.0 / options.max_fps if options.max_fps else 0.0
+    last_caption_stream = None
     try:
         while not stop.is_set():
+            if min_gap_s and realtime:
+                # Wait out the cap before taking a frame, so the one taken is the newest: frames
+                # that arrive meanwhile replace each other in the mailbox (counted as dropped),
+                # and a folder's files simply wait their turn (none is lost).
+                stop.wait(max(0.0, last_caption_at + min_gap_s - time.monotonic()))
             taken = mailbox.take()
             if taken is None:
                 if mailbox.closed and mailbox.frame is None:
                     break
                 continue
             frame, received, dropped_so_far = taken
-            now = time.monotonic()
-            if options.max_fps and realtime and now - last_caption_at < 1.0 / options.max_fps:
-                continue
+            if min_gap_s and not realtime and last_caption_stream is not None \
+                    and frame.timestamp - last_caption_stream < min_gap_s - 1e-6:
+                continue  # a file read losslessly: the cap is on the stream's own clock
             current = signature(frame)
             if last_signature is None:
                 reason = "first"
@@ -145,6 +152,7 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
                                               [frame.name or str(frame.index)])[0]
             last_caption_at = time.monotonic()
             last_signature, last_heartbeat_stream = current, frame.timestamp
+            last_caption_stream = frame.timestamp
             if options.changes_only and result.text == last_text:
                 continue
             last_text = result.text
@@ -177,41 +185,62 @@ def _clock(seconds: float, separator: str) -> str:
 
 
 class SubtitleWriter:
-    """SRT or WebVTT; each cue lasts until the next caption. The whole file is rewritten
-    atomically after every caption, so it is valid even if the process is killed."""
+    """SRT or WebVTT; each cue lasts until the next caption.
+
+    Constant work and memory per caption, however long the stream runs: cues before the newest
+    are final and never rewritten. The newest cue is written at once with a provisional end
+    (``last_cue_s`` later) and rewritten in place, with its true end, when the next caption
+    arrives or the writer closes. Every write leaves whole cues, so a viewer or a killed process
+    always finds a valid file that ends with the latest caption.
+    """
 
     def __init__(self, path: Path, kind: str, last_cue_s: float = 2.0):
+        if kind not in ("srt", "vtt"):
+            raise ValueError(f"subtitle kind {kind!r}: choose srt or vtt")
         self.path, self.kind, self.last_cue_s = Path(path), kind, last_cue_s
-        self.cues: list[tuple[float, str]] = []
-        self.end_hint = 0.0
-        self._write()
+        self.separator = "," if kind == "srt" else "."
+        self.handle = open(self.path, "wb")  # bytes: exact offsets to rewrite the newest cue from
+        self.handle.write(b"" if kind == "srt" else b"WEBVTT\n\n")
+        self.handle.flush()
+        self.final_end = self.handle.tell()  # where the provisional newest cue starts
+        self.cues = 0
+        self.pending: tuple[float, str] | None = None  # the newest cue: (start, text)
 
     def add(self, record: CaptionRecord) -> None:
-        self.cues.append((record.stream_time, record.caption))
-        self._write()
+        if self.pending is not None:
+            self._rewrite_pending(end=record.stream_time, final=True)
+        self.cues += 1
+        self.pending = (record.stream_time, _one_line(record.caption))
+        self._rewrite_pending(end=None, final=False)
 
     def close(self, stream_end: float | None = None) -> None:
-        if stream_end is not None:
-            self.end_hint = stream_end
-        self._write()
+        if self.handle.closed:
+            return
+        if self.pending is not None:
+            start = self.pending[0]
+            self._rewrite_pending(end=max(stream_end or 0.0, start + self.last_cue_s), final=True)
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
 
-    def render(self) -> str:
-        separator = "," if self.kind == "srt" else "."
-        lines = [] if self.kind == "srt" else ["WEBVTT", ""]
-        for number, (start, text) in enumerate(self.cues, 1):
-            following = self.cues[number][0] if number < len(self.cues) else None
-            end = following if following is not None else max(self.end_hint, start + self.last_cue_s)
-            if end <= start:
-                end = start + 0.001
-            if self.kind == "srt":
-                lines.append(str(number))
-            lines += [f"{_clock(start, separator)} --> {_clock(end, separator)}", text, ""]
-        return "\n".join(lines) + ("\n" if lines and lines[-1] != "" else "")
+    def _rewrite_pending(self, end: float | None, final: bool) -> None:
+        start, text = self.pending
+        end = start + self.last_cue_s if end is None else end
+        end = max(end, start + 0.001)  # a cue must end after it starts
+        number = f"{self.cues}\n" if self.kind == "srt" else ""
+        cue = (f"{number}{_clock(start, self.separator)} --> {_clock(end, self.separator)}\n"
+               f"{text}\n\n")
+        self.handle.seek(self.final_end)
+        self.handle.truncate()
+        self.handle.write(cue.encode("utf-8"))
+        self.handle.flush()
+        if final:
+            self.final_end = self.handle.tell()
 
-    def _write(self) -> None:
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(self.render(), encoding="utf-8")
-        os.replace(temporary, self.path)
+
+def _one_line(caption: str) -> str:
+    """A cue's text: one line (a blank line would end the cue), never empty (invalid SRT)."""
+    return " ".join(caption.split()) or "..."
 
 
 class JsonlWriter:

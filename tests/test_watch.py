@@ -382,3 +382,151 @@ def test_rtsp_stream_reconnects_after_server_restart(tiny_export, scene_video, t
               "--port", str(port), "--video", str(video)]
     url = f"rtsp://127.0.0.1:{port}/live"
     check_captions_resume_after_server_restart(url, server, tiny_export, tmp_path)
+
+
+# ---------------------------------------------------------------- options, outputs and faults
+
+
+def test_subtitles_stay_valid_and_end_with_the_newest_caption(tmp_path):
+    from edgecap.watch import CaptionRecord
+
+    def record(t: float, text: str) -> CaptionRecord:
+        return CaptionRecord(t, "", 0, text, 1.0, 0, "scene")
+
+    texts = ["a dog runs", "", "two lines\n\nof text", "a café"]
+    srt_path, vtt_path = tmp_path / "live.srt", tmp_path / "live.vtt"
+    srt, vtt = SubtitleWriter(srt_path, "srt"), SubtitleWriter(vtt_path, "vtt")
+    for number, text in enumerate(texts, 1):
+        srt.add(record(number * 1.5, text))
+        vtt.add(record(number * 1.5, text))
+        # Readable at any moment: whole cues only, the newest one already there with a
+        # provisional end two seconds after its start.
+        cues = check_srt(srt_path.read_text(encoding="utf-8"))
+        assert len(cues) == number and check_vtt(vtt_path.read_text(encoding="utf-8")) == number
+        assert cues[-1][:2] == (number * 1.5, number * 1.5 + 2.0)
+    srt.close(stream_end=10.0)
+    vtt.close(stream_end=10.0)
+    cues = check_srt(srt_path.read_text(encoding="utf-8"))
+    assert [c[2] for c in cues] == ["a dog runs", "...", "two lines of text", "a café"]
+    assert cues[-1][1] == 10.0  # the last cue runs to the end of the stream
+    assert check_vtt(vtt_path.read_text(encoding="utf-8")) == len(texts)
+
+
+def captions_of(video: Path, export: Path, **options) -> list:
+    return list(watch(VideoSource(str(video)), Captioner(export), WatchOptions(**options)))
+
+
+def test_changes_only_emits_when_the_text_changes(tiny_export, scene_video):
+    video, _ = scene_video
+    every = captions_of(video, tiny_export, heartbeat_s=0.2)
+    changes = captions_of(video, tiny_export, heartbeat_s=0.2, changes_only=True)
+    expected = [r for i, r in enumerate(every) if i == 0 or r.caption != every[i - 1].caption]
+    assert len(expected) < len(every), "no repeated caption: the test would prove nothing"
+    assert [(r.frame_index, r.caption) for r in changes] == [(r.frame_index, r.caption) for r in expected]
+
+
+def test_fps_caps_captions_on_the_video_clock(tiny_export, scene_video):
+    video, cuts = scene_video
+    records = captions_of(video, tiny_export, heartbeat_s=0.1, max_fps=0.4)
+    times = [r.stream_time for r in records]
+    assert len(times) >= 2 and times[0] == 0.0
+    assert all(later - earlier >= 2.5 - 1e-6 for earlier, later in zip(times, times[1:]))
+
+
+def test_fps_caps_a_live_stream(tiny_export, tmp_path, flickr_images):
+    video = tmp_path / "live.mp4"
+    encode_video(video, flickr_images[:2], fps=25, seconds=2.0)
+    records = captions_of(video, tiny_export, realtime=True, heartbeat_s=0.01, max_fps=2.0)
+    assert 2 <= len(records) <= 2 * 4 + 1  # 4 s of video at no more than 2 captions a second
+    assert sum(r.dropped for r in records) > 0  # frames that came in while the cap held are dropped
+    for previous, record in zip(records, records[1:]):
+        assert record.stream_time - previous.stream_time >= 0.5 - 0.1
+
+
+def test_fps_cap_skips_no_file_of_a_folder(tiny_export, tmp_path, flickr_images):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    for i, image in enumerate(flickr_images[:3]):
+        shutil.copy(image, folder / f"{i}.jpg")
+    source, stop = FolderSource(str(folder), poll_s=0.05), threading.Event()
+    records = []
+    for record in watch(source, Captioner(tiny_export), WatchOptions(max_fps=4.0), stop):
+        records.append((time.monotonic(), record.source_name))
+        if len(records) == 3:
+            stop.set()
+    assert sorted(name for _, name in records) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert all(b[0] - a[0] >= 0.25 - 0.02 for a, b in zip(records, records[1:]))
+
+
+def test_damaged_stream_is_counted_and_captioning_goes_on(tiny_export, tmp_path, flickr_images):
+    video = tmp_path / "scenes.ts"  # MPEG-TS: packets carry continuity counters the demuxer checks
+    with av.open(str(video), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for index in range(4 * FPS):
+            image = Image.open(flickr_images[index // FPS]).convert("RGB").resize((320, 240))
+            frame = av.VideoFrame.from_image(image)
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(video.read_bytes())
+    garbage = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    for start in (len(data) // 3, len(data) // 2):
+        data[start:start + len(garbage)] = garbage
+    video.write_bytes(bytes(data))
+    source = VideoSource(str(video))
+    records = list(watch(source, Captioner(tiny_export), WatchOptions()))
+    assert source.stats.damaged_packets + source.stats.corrupt > 0
+    assert records[0].reason == "first"
+    assert any(r.stream_time >= 3.0 for r in records), "the last scene was not captioned"
+
+
+def test_reconnect_backoff_doubles_up_to_its_cap(caplog):
+    port = free_port()  # nothing listens there: every connection is refused at once
+    source = VideoSource(f"http://127.0.0.1:{port}/stream", timeout_s=1.0, min_backoff_s=0.05,
+                         max_backoff_s=0.2, max_reconnects=4)
+    caplog.set_level("WARNING", logger="edgecap.watch")
+    from edgecap.sources import SourceError
+
+    with pytest.raises(SourceError, match="gave up after 4 reconnects"):
+        list(source.frames())
+    waits = [float(m) for m in re.findall(r"retry in ([\d.]+) s", caplog.text)]
+    assert waits == [0.05, 0.1, 0.2, 0.2]
+
+
+def test_stalled_stream_times_out_instead_of_hanging():
+    """A server that accepts the connection and then sends nothing."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    accepting = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not accepting.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    from edgecap.sources import SourceError
+
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/stream"
+    source = VideoSource(url, timeout_s=0.5, min_backoff_s=0.05, max_reconnects=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SourceError, match="gave up"):
+            list(source.frames())
+    finally:
+        accepting.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+    assert len(held) >= 2  # it connected, timed out, and connected again
+    assert time.monotonic() - started < 15
