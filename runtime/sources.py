@@ -129,7 +129,6 @@ class VideoSource:
         import av
 
         options = {}
-        container_format = None
         micros = str(int(self.timeout_s * 1e6))
         if self.source.startswith("rtsp://"):
             options = {"rtsp_transport": "tcp", "timeout": micros}
@@ -138,8 +137,11 @@ class VideoSource:
             # (PyAV's timeout= interrupts long but healthy reads of paced streams.)
             options = {"rw_timeout": micros}
         if self.source.startswith("/dev/video"):
-            container_format = "v4l2"
-        return av.open(self.source, format=container_format, options=options)
+            # A camera has no FFmpeg read timeout of its own: PyAV's interrupt (open, read)
+            # turns an unplugged or frozen camera into an error, hence a reconnect. Frames come
+            # every few tens of ms, so a healthy camera never waits that long.
+            return av.open(self.source, format="v4l2", timeout=(self.timeout_s, self.timeout_s))
+        return av.open(self.source, options=options)
 
     def frames(self) -> Iterator[Frame]:
         import av

@@ -18,6 +18,20 @@ def flickr_images() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def flickr_test_images() -> list[Path]:
+    """The first images of Flickr8k's official test split, in the split file's order."""
+    split = FLICKR / "split_test.txt"
+    if not split.is_file():
+        pytest.fail(f"Flickr8k test split not found: {split}")
+    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    images = [FLICKR / "images" / name for name in names[:6]]
+    missing = [image.name for image in images if not image.is_file()]
+    if missing:
+        pytest.fail(f"Flickr8k test images missing: {missing}")
+    return images
+
+
+@pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (Hugging Face model dir, edgecap export dir) for every tiny config."""
     pytest.importorskip("torch")

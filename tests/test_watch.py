@@ -1,4 +1,4 @@
-"""`edgecap watch` on real videos encoded by the test with PyAV from Flickr8k images."""
+"""`edgecap watch` on real videos encoded by the test with PyAV from Flickr8k test-split images."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def encode_video(path: Path, images: list[Path], fps: int = FPS, seconds: float 
 
 
 @pytest.fixture(scope="module")
-def scene_video(tmp_path_factory, flickr_images) -> tuple[Path, list[float]]:
+def scene_video(tmp_path_factory, flickr_test_images) -> tuple[Path, list[float]]:
     path = tmp_path_factory.mktemp("video") / "scenes.mp4"
-    return path, encode_video(path, flickr_images[:4])
+    return path, encode_video(path, flickr_test_images[:4])
 
 
 SRT_CUE = re.compile(r"^(\d+)\n(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})\n(.+)$")
@@ -182,9 +182,9 @@ def rss_mb() -> float:
     return 0.0
 
 
-def test_slow_captioner_drops_frames_and_memory_stays_bounded(tiny_export, tmp_path, flickr_images):
+def test_slow_captioner_drops_frames_and_memory_stays_bounded(tiny_export, tmp_path, flickr_test_images):
     video = tmp_path / "fast.mp4"
-    encode_video(video, flickr_images[:2], fps=50, seconds=3.0, size=(640, 480))
+    encode_video(video, flickr_test_images[:2], fps=50, seconds=3.0, size=(640, 480))
     slow = SlowCaptioner(Captioner(tiny_export), delay_s=0.2)
     before = rss_mb()
     records = list(watch(VideoSource(str(video)), slow,
@@ -202,7 +202,7 @@ def test_slow_captioner_drops_frames_and_memory_stays_bounded(tiny_export, tmp_p
     assert growth < 150, f"RSS grew {growth:.0f} MB"
 
 
-def test_folder_source_captions_each_new_file_once(tiny_export, tmp_path, flickr_images):
+def test_folder_source_captions_each_new_file_once(tiny_export, tmp_path, flickr_test_images):
     folder = tmp_path / "drop"
     folder.mkdir()
     stop = threading.Event()
@@ -212,7 +212,7 @@ def test_folder_source_captions_each_new_file_once(tiny_export, tmp_path, flickr
 
     def feed():
         (folder / "broken.jpg").write_bytes(b"not an image")
-        for i, image in enumerate(flickr_images[:3]):
+        for i, image in enumerate(flickr_test_images[:3]):
             shutil.copy(image, folder / f"{i}.jpg")
             time.sleep(0.2)
         deadline = time.monotonic() + 60
@@ -230,9 +230,9 @@ def test_folder_source_captions_each_new_file_once(tiny_export, tmp_path, flickr
     assert source.stats.corrupt == 1 and source.errors[0][0] == "broken.jpg"
 
 
-def test_sigint_flushes_valid_subtitles(tiny_export, tmp_path, flickr_images):
+def test_sigint_flushes_valid_subtitles(tiny_export, tmp_path, flickr_test_images):
     video = tmp_path / "long.mp4"
-    encode_video(video, flickr_images[:6], seconds=2.0)
+    encode_video(video, flickr_test_images[:6], seconds=2.0)
     out, srt, vtt = tmp_path / "c.jsonl", tmp_path / "c.srt", tmp_path / "c.vtt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgecap.cli", "watch", str(video), "--model", str(tiny_export),
@@ -433,9 +433,9 @@ def test_fps_caps_captions_on_the_video_clock(tiny_export, scene_video):
     assert all(later - earlier >= 2.5 - 1e-6 for earlier, later in zip(times, times[1:]))
 
 
-def test_fps_caps_a_live_stream(tiny_export, tmp_path, flickr_images):
+def test_fps_caps_a_live_stream(tiny_export, tmp_path, flickr_test_images):
     video = tmp_path / "live.mp4"
-    encode_video(video, flickr_images[:2], fps=25, seconds=2.0)
+    encode_video(video, flickr_test_images[:2], fps=25, seconds=2.0)
     records = captions_of(video, tiny_export, realtime=True, heartbeat_s=0.01, max_fps=2.0)
     assert 2 <= len(records) <= 2 * 4 + 1  # 4 s of video at no more than 2 captions a second
     assert sum(r.dropped for r in records) > 0  # frames that came in while the cap held are dropped
@@ -443,10 +443,10 @@ def test_fps_caps_a_live_stream(tiny_export, tmp_path, flickr_images):
         assert record.stream_time - previous.stream_time >= 0.5 - 0.1
 
 
-def test_fps_cap_skips_no_file_of_a_folder(tiny_export, tmp_path, flickr_images):
+def test_fps_cap_skips_no_file_of_a_folder(tiny_export, tmp_path, flickr_test_images):
     folder = tmp_path / "drop"
     folder.mkdir()
-    for i, image in enumerate(flickr_images[:3]):
+    for i, image in enumerate(flickr_test_images[:3]):
         shutil.copy(image, folder / f"{i}.jpg")
     source, stop = FolderSource(str(folder), poll_s=0.05), threading.Event()
     records = []
@@ -458,13 +458,13 @@ def test_fps_cap_skips_no_file_of_a_folder(tiny_export, tmp_path, flickr_images)
     assert all(b[0] - a[0] >= 0.25 - 0.02 for a, b in zip(records, records[1:]))
 
 
-def test_damaged_stream_is_counted_and_captioning_goes_on(tiny_export, tmp_path, flickr_images):
+def test_damaged_stream_is_counted_and_captioning_goes_on(tiny_export, tmp_path, flickr_test_images):
     video = tmp_path / "scenes.ts"  # MPEG-TS: packets carry continuity counters the demuxer checks
     with av.open(str(video), "w", format="mpegts") as container:
         stream = container.add_stream("mpeg4", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
         for index in range(4 * FPS):
-            image = Image.open(flickr_images[index // FPS]).convert("RGB").resize((320, 240))
+            image = Image.open(flickr_test_images[index // FPS]).convert("RGB").resize((320, 240))
             frame = av.VideoFrame.from_image(image)
             frame.pts = index
             for packet in stream.encode(frame):
