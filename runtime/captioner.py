@@ -70,7 +70,7 @@ class Captioner:
         )
         config = m.quantization.get("session_config", {})
         encoder = build_session(self.model_dir / m.encoder_file, threads=cpu_threads,
-                                device=device, config=config)
+                                device=device, config=config, spinning=True)
         decoder = build_session(self.model_dir / m.decoder_file, threads=cpu_threads,
                                 device=device, config=config, spinning=True)
         _check_graphs(encoder, decoder, m, self.model_dir)
