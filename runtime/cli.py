@@ -132,8 +132,13 @@ def run_watch(args: argparse.Namespace) -> int:
     options = WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
                            heartbeat_s=args.heartbeat, changes_only=args.changes_only,
                            realtime=args.realtime)
-    jsonl = JsonlWriter(args.out)
-    subtitles = [SubtitleWriter(path, kind) for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")) if path]
+    try:
+        jsonl = JsonlWriter(args.out)
+        subtitles = [SubtitleWriter(path, kind)
+                     for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")) if path]
+    except OSError as exc:
+        print(f"edgecap: error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     count = 0
     try:
         for record in watch(source, captioner, options, stop, num_beams=args.num_beams,

@@ -190,10 +190,38 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, best first. argpartition keeps this O(vocab) per step."""
-    if k < scores.shape[1]:
-        candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    order = np.argsort(-np.take_along_axis(scores, candidates, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, axis=1)
+    """Indices of the k largest per row, best first; equal scores in index order.
+
+    Beam search asks this of beams x vocabulary scores every step (201k values for 4 beams of
+    GPT-2), where a full ``argpartition`` took 14% of a caption. A strided sample's k-th largest
+    value is a lower bound for the row's k-th largest, so only the few values at or above it
+    (about k x stride) need ranking; the result is exact.
+    """
+    rows, width = scores.shape
+    if k >= width:
+        return np.stack([_ranked(row, np.arange(width)) for row in scores])
+    stride = max(1, width // (_SAMPLE_PER_K * k))
+    picked = []
+    for row in scores:
+        sample = row[::stride]
+        if stride > 1 and sample.size > k:
+            floor = np.partition(sample, sample.size - k)[sample.size - k]
+            candidates = np.flatnonzero(row >= floor)  # at least k: the sample's own top k
+        else:
+            candidates = np.arange(width)
+        if candidates.size > k:
+            best = np.argpartition(-row[candidates], k - 1)[:k]
+            # Values tied with the k-th best may have been cut arbitrarily: take them all back,
+            # so the ranking below breaks ties by index.
+            kth = row[candidates[best]].min()
+            candidates = candidates[row[candidates] >= kth]
+        picked.append(_ranked(row, candidates)[:k])
+    return np.stack(picked)
+
+
+_SAMPLE_PER_K = 64  # sample size per wanted index: ~1% of GPT-2's 4 x 50,257 scores for k=8
+
+
+def _ranked(row: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``indices`` ordered by score, best first; ties by index (lexsort is stable)."""
+    return indices[np.lexsort((indices, -row[indices]))]
