@@ -221,17 +221,19 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_ylabel("p50 latency per image (ms)")
     axes[0].set_title("Latency per system and case (lower is better)")
     axes[0].legend(fontsize=8)
-    for name in systems:
-        for mode in ("greedy", "beam4"):
-            points = sorted((result["table"][c][name]["p50_ms"], int(c.split(":")[1]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(systems):  # one colour per system (as in the bars), one line style per mode
+        for mode, style in (("greedy", "-"), ("beam4", "--")):
+            points = sorted((int(c.split(":")[1]), result["table"][c][name]["p50_ms"])
                             for c in cases if c.startswith(mode + ":") and name in result["table"][c])
             if points:
-                axes[1].plot([b for _, b in points], [v for v, _ in points], marker="o",
-                             label=f"{name} {mode}")
+                axes[1].plot([b for b, _ in points], [v for _, v in points], style, marker="o",
+                             color=colors[i % len(colors)], label=f"{name} {mode}")
     axes[1].set_xlabel("batch size")
-    axes[1].set_ylabel("p50 latency per image (ms)")
-    axes[1].set_title("Latency vs batch")
-    axes[1].legend(fontsize=7)
+    axes[1].set_yscale("log")  # edgecap's lines sit an order of magnitude below the others
+    axes[1].set_ylabel("p50 latency per image (ms, log scale)")
+    axes[1].set_title("Latency vs batch (solid: greedy, dashed: beam 4)")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"edgecap benchmark, {result['machine']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
