@@ -50,3 +50,16 @@ def test_export_of_non_model_fails_cleanly(tmp_path, capsys):
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 1
     assert "no config.json" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_watch_reports_bad_sources_and_outputs_in_one_line(tiny_export, tmp_path, capsys):
+    pytest.importorskip("av")
+    missing = tmp_path / "missing.mp4"
+    assert main(["watch", str(missing), "--model", str(tiny_export)]) == 1
+    assert f"{missing}: no such video file" in capsys.readouterr().err
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    unwritable = tmp_path / "no-such-dir" / "out.srt"
+    assert main(["watch", str(folder), "--model", str(tiny_export), "--srt", str(unwritable)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {unwritable}" in err and "Traceback" not in err
