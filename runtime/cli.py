@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("source")
     watch.add_argument("--model", help="export directory (default: the embedded model)")
-    watch.add_argument("--fps", type=float,
+    watch.add_argument("--fps", type=positive_float,
                        help="at most this many captions per second (files: per second of video; "
                        "folders: files wait their turn, none is skipped)")
     watch.add_argument("--out", type=Path, help="append JSON lines here (default: stdout)")
@@ -115,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
 def run_watch(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -126,36 +133,40 @@ def run_watch(args: argparse.Namespace) -> int:
     captioner = Captioner(args.model, cpu_threads=args.threads)
     source = open_source(args.source, timeout_s=args.timeout_s) if not Path(args.source).is_dir() \
         else open_source(args.source)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     options = WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
                            heartbeat_s=args.heartbeat, changes_only=args.changes_only,
                            realtime=args.realtime)
+    outputs = []  # every opened writer, closed (flushed) on the way out whatever happens
     try:
-        jsonl = JsonlWriter(args.out)
-        subtitles = [SubtitleWriter(path, kind)
-                     for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")) if path]
+        for path, make in ((args.out, JsonlWriter), (args.srt, lambda p: SubtitleWriter(p, "srt")),
+                           (args.vtt, lambda p: SubtitleWriter(p, "vtt"))):
+            if path or make is JsonlWriter:  # JSON lines go to stdout without --out
+                outputs.append(make(path))
     except OSError as exc:
-        print(f"edgecap: error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        for writer in outputs:
+            writer.close()
+        print(f"edgecap: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     count = 0
     try:
         for record in watch(source, captioner, options, stop, num_beams=args.num_beams,
                             max_new_tokens=args.max_new_tokens):
-            jsonl.add(record)
-            for writer in subtitles:
+            for writer in outputs:
                 writer.add(record)
             count += 1
     finally:
-        jsonl.close()
-        for writer in subtitles:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for writer in outputs:
             writer.close()
         stats = source.stats
         print(f"edgecap: {count} captions, {stats.corrupt} corrupt frames skipped, "
-              f"{stats.damaged_packets} damaged packets, {stats.reconnects} reconnects",
+              f"{stats.damaged_packets} damaged packets, {stats.reconnects} reconnects"
+              + (f", read failed part way ({stats.read_errors}x)" if stats.read_errors else ""),
               file=sys.stderr)
-    return 0
+    return 1 if stats.read_errors else 0  # a file that could not be read to its end
 
 
 def run_serve(args: argparse.Namespace) -> int:

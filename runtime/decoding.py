@@ -198,6 +198,8 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     (about k x stride) need ranking; the result is exact.
     """
     rows, width = scores.shape
+    if rows == 0:
+        return np.empty((0, min(k, width)), np.int64)
     if k >= width:
         return np.stack([_ranked(row, np.arange(width)) for row in scores])
     stride = max(1, width // (_SAMPLE_PER_K * k))
@@ -215,6 +217,8 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
             # so the ranking below breaks ties by index.
             kth = row[candidates[best]].min()
             candidates = candidates[row[candidates] >= kth]
+        if candidates.size < k:  # NaN scores defeat the bounds: rank the whole row
+            candidates = np.arange(width)
         picked.append(_ranked(row, candidates)[:k])
     return np.stack(picked)
 

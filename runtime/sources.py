@@ -42,6 +42,7 @@ class Frame:
 class SourceStats:
     corrupt: int = 0  # frames that failed to decode or came out flagged corrupt: skipped
     damaged_packets: int = 0  # packets the demuxer flagged (checksum, continuity): decoded anyway
+    read_errors: int = 0  # files that failed part way through (the frames before were kept)
     reconnects: int = 0
 
 
@@ -160,6 +161,8 @@ class VideoSource:
             clock.reconnected(opening)
             decoded_here = 0  # frames from this connection: the clock when a frame has no pts
             try:
+                if not container.streams.video:
+                    raise SourceError(f"{self.source}: no video stream in this source")
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 for packet in container.demux(stream):
@@ -188,7 +191,7 @@ class VideoSource:
             except (av.FFmpegError, OSError) as exc:
                 if not self.live:
                     # A file damaged past this point (truncated, garbage): keep what was read.
-                    self.stats.corrupt += 1
+                    self.stats.read_errors += 1
                     log.warning("%s: read failed after %d frames (%s); stopping there",
                                 self.source, decoded_here, exc)
                     return

@@ -121,22 +121,30 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
     last_signature, last_text = None, None
     last_caption_at, last_heartbeat_stream = -1e9, None
     dropped_reported = 0
+    if options.max_fps is not None and options.max_fps <= 0:
+        raise ValueError(f"max_fps must be > 0 (got {options.max_fps})")
     min_gap_s = 1.0 / options.max_fps if options.max_fps else 0.0
+    wait_for_cap = realtime or is_folder  # else: a file read losslessly, capped on its own clock
     last_caption_stream = None
     try:
         while not stop.is_set():
-            if min_gap_s and realtime:
+            if min_gap_s and wait_for_cap:
                 # Wait out the cap before taking a frame, so the one taken is the newest: frames
                 # that arrive meanwhile replace each other in the mailbox (counted as dropped),
-                # and a folder's files simply wait their turn (none is lost).
-                stop.wait(max(0.0, last_caption_at + min_gap_s - time.monotonic()))
+                # and a folder's files simply wait their turn (none is lost). Short slices, so a
+                # stop, or a source that ended with nothing left to caption, is noticed at once.
+                while not stop.is_set() and not (mailbox.closed and mailbox.frame is None):
+                    remaining = last_caption_at + min_gap_s - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    stop.wait(min(remaining, 0.1))
             taken = mailbox.take()
             if taken is None:
                 if mailbox.closed and mailbox.frame is None:
                     break
                 continue
             frame, received, dropped_so_far = taken
-            if min_gap_s and not realtime and last_caption_stream is not None \
+            if min_gap_s and not wait_for_cap and last_caption_stream is not None \
                     and frame.timestamp - last_caption_stream < min_gap_s - 1e-6:
                 continue  # a file read losslessly: the cap is on the stream's own clock
             current = signature(frame)
@@ -190,8 +198,8 @@ class SubtitleWriter:
     Constant work and memory per caption, however long the stream runs: cues before the newest
     are final and never rewritten. The newest cue is written at once with a provisional end
     (``last_cue_s`` later) and rewritten in place, with its true end, when the next caption
-    arrives or the writer closes. Every write leaves whole cues, so a viewer or a killed process
-    always finds a valid file that ends with the latest caption.
+    arrives or the writer closes. The file is valid at every moment (whole cues only); between
+    the truncate and the write of one update it briefly lacks the newest cue.
     """
 
     def __init__(self, path: Path, kind: str, last_cue_s: float = 2.0):
@@ -207,35 +215,43 @@ class SubtitleWriter:
         self.pending: tuple[float, str] | None = None  # the newest cue: (start, text)
 
     def add(self, record: CaptionRecord) -> None:
-        if self.pending is not None:
-            self._rewrite_pending(end=record.stream_time, final=True)
+        if self.handle.closed:
+            raise ValueError(f"{self.path}: subtitle writer already closed")
+        final = b""
+        if self.pending is not None:  # the previous cue now ends where this one starts
+            final = self._cue(self.cues, *self.pending, end=record.stream_time)
         self.cues += 1
         self.pending = (record.stream_time, _one_line(record.caption))
-        self._rewrite_pending(end=None, final=False)
+        start = self.pending[0]
+        provisional = self._cue(self.cues, *self.pending, end=start + self.last_cue_s)
+        self._rewrite(final, provisional)
 
     def close(self, stream_end: float | None = None) -> None:
         if self.handle.closed:
             return
-        if self.pending is not None:
-            start = self.pending[0]
-            self._rewrite_pending(end=max(stream_end or 0.0, start + self.last_cue_s), final=True)
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
+        try:
+            if self.pending is not None:
+                start = self.pending[0]
+                end = max(stream_end or 0.0, start + self.last_cue_s)
+                self._rewrite(self._cue(self.cues, *self.pending, end=end), b"")
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        finally:
+            self.handle.close()
 
-    def _rewrite_pending(self, end: float | None, final: bool) -> None:
-        start, text = self.pending
-        end = start + self.last_cue_s if end is None else end
+    def _cue(self, number: int, start: float, text: str, end: float) -> bytes:
         end = max(end, start + 0.001)  # a cue must end after it starts
-        number = f"{self.cues}\n" if self.kind == "srt" else ""
-        cue = (f"{number}{_clock(start, self.separator)} --> {_clock(end, self.separator)}\n"
-               f"{text}\n\n")
+        label = f"{number}\n" if self.kind == "srt" else ""
+        return (f"{label}{_clock(start, self.separator)} --> {_clock(end, self.separator)}\n"
+                f"{text}\n\n").encode("utf-8")
+
+    def _rewrite(self, final: bytes, provisional: bytes) -> None:
+        """Replace the provisional cue with ``final`` (kept from now on) + ``provisional``."""
         self.handle.seek(self.final_end)
         self.handle.truncate()
-        self.handle.write(cue.encode("utf-8"))
+        self.handle.write(final + provisional)
         self.handle.flush()
-        if final:
-            self.final_end = self.handle.tell()
+        self.final_end += len(final)
 
 
 def _one_line(caption: str) -> str:

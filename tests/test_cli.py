@@ -63,3 +63,9 @@ def test_watch_reports_bad_sources_and_outputs_in_one_line(tiny_export, tmp_path
     assert main(["watch", str(folder), "--model", str(tiny_export), "--srt", str(unwritable)]) == 1
     err = capsys.readouterr().err
     assert f"cannot write {unwritable}" in err and "Traceback" not in err
+
+
+def test_watch_rejects_a_non_positive_fps(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["watch", str(tmp_path), "--fps", "0"])
+    assert info.value.code == 2 and "must be > 0" in capsys.readouterr().err

@@ -28,3 +28,14 @@ def test_topk_matches_a_full_sort(width, kind):
         picked = _topk(scores, k)
         assert picked.shape == (3, k)
         np.testing.assert_array_equal(picked, full_sort_topk(scores, k))
+
+
+def test_topk_always_returns_k_indices_even_with_nan_or_no_rows():
+    scores = np.random.default_rng(0).standard_normal((2, 4 * 50257)).astype(np.float32)
+    scores[0, ::7] = np.nan  # the strided sample sees NaN: its bound is useless
+    scores[1, :] = np.nan
+    picked = _topk(scores, 8)
+    assert picked.shape == (2, 8)
+    finite = scores[0][picked[0]]
+    assert np.isfinite(finite).all() and (np.diff(finite) <= 0).all()
+    assert _topk(np.zeros((0, 10), np.float32), 4).shape == (0, 4)

@@ -445,14 +445,16 @@ def test_fps_caps_a_live_stream(tiny_export, tmp_path, flickr_test_images):
     assert all(later - earlier >= 0.5 - 0.002 for earlier, later in zip(ready, ready[1:]))
 
 
-def test_fps_cap_skips_no_file_of_a_folder(tiny_export, tmp_path, flickr_test_images):
+@pytest.mark.parametrize("realtime", [None, False])  # False: --lossless
+def test_fps_cap_skips_no_file_of_a_folder(tiny_export, tmp_path, flickr_test_images, realtime):
     folder = tmp_path / "drop"
     folder.mkdir()
     for i, image in enumerate(flickr_test_images[:3]):
         shutil.copy(image, folder / f"{i}.jpg")
     source, stop = FolderSource(str(folder), poll_s=0.05), threading.Event()
     records = []
-    for record in watch(source, Captioner(tiny_export), WatchOptions(max_fps=4.0), stop):
+    options = WatchOptions(max_fps=4.0, realtime=realtime)
+    for record in watch(source, Captioner(tiny_export), options, stop):
         records.append((time.monotonic(), record.source_name))
         if len(records) == 3:
             stop.set()
