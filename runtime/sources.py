@@ -120,7 +120,8 @@ class VideoSource:
         self.timeout_s = timeout_s
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
-        self.max_reconnects = max_reconnects
+        self.max_reconnects = max_reconnects  # in a row: a connection that delivers frames resets it
+        self.failed_in_row = 0
         self.stats = SourceStats()
         self.stopped = False
         if not self.live and not Path(source).is_file():
@@ -171,8 +172,8 @@ class VideoSource:
                     for frame in self._decode(packet):
                         if decoded_here == 0:
                             # Reset only once frames flow: a server that accepts and then fails
-                            # at once must still be retried ever more slowly.
-                            backoff = self.min_backoff_s
+                            # at once must still be retried ever more slowly (and given up on).
+                            backoff, self.failed_in_row = self.min_backoff_s, 0
                         decoded_here += 1
                         seconds = float(frame.pts * stream.time_base) if frame.pts is not None \
                             else self._untimed_seconds(stream, decoded_here - 1)
@@ -225,8 +226,10 @@ class VideoSource:
 
     def _wait_before_retry(self, why: str, backoff: float) -> float:
         self.stats.reconnects += 1
-        if self.max_reconnects is not None and self.stats.reconnects > self.max_reconnects:
-            raise SourceError(f"{self.source}: gave up after {self.max_reconnects} reconnects ({why})")
+        self.failed_in_row += 1
+        if self.max_reconnects is not None and self.failed_in_row > self.max_reconnects:
+            raise SourceError(f"{self.source}: gave up after {self.max_reconnects} reconnects in a "
+                              f"row without a frame ({why})")
         log.warning("%s: %s; retry in %.2f s", self.source, why, backoff)
         deadline = time.monotonic() + backoff
         while time.monotonic() < deadline and not self.stopped:

@@ -494,7 +494,7 @@ def test_reconnect_backoff_doubles_up_to_its_cap(caplog):
     caplog.set_level("WARNING", logger="edgecap.watch")
     from edgecap.sources import SourceError
 
-    with pytest.raises(SourceError, match="gave up after 4 reconnects"):
+    with pytest.raises(SourceError, match="gave up after 4 reconnects in a row"):
         list(source.frames())
     waits = [float(m) for m in re.findall(r"retry in ([\d.]+) s", caplog.text)]
     assert waits == [0.05, 0.1, 0.2, 0.2]
@@ -534,3 +534,18 @@ def test_stalled_stream_times_out_instead_of_hanging():
         listener.close()
     assert len(held) >= 2  # it connected, timed out, and connected again
     assert time.monotonic() - started < 15
+
+
+def test_a_stream_that_recovers_each_time_is_never_given_up(scene_video):
+    """max_reconnects counts failures in a row: a file read as a live stream ends (a lost
+    connection) after every pass, and each reopening delivers frames again."""
+    video, cuts = scene_video
+    per_pass = len(cuts) * int(SCENE_SECONDS * FPS)
+    source = VideoSource(str(video), min_backoff_s=0.01, max_reconnects=1)
+    source.live = True
+    count, wanted = 0, 2 * per_pass + per_pass // 2  # stop half-way through the third pass
+    for _ in source.frames():
+        count += 1
+        if count == wanted:
+            source.stop()
+    assert count == wanted and source.stats.reconnects == 2
