@@ -81,11 +81,15 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = MODES) -> dict[str, Path
 
 
 def _current(export: Path) -> bool:
+    """An export this version of edgecap would write the same way (fused graph, same revision)."""
+    from edgecap.export.fused_step import FUSED_GRAPH_REVISION
     from edgecap.manifest import Manifest
 
     if not (export / "manifest.json").is_file():
         return False
-    return Manifest.read(export).provenance.get("decoder_graph") == "fused"
+    provenance = Manifest.read(export).provenance
+    return provenance.get("decoder_graph") == "fused" and \
+        provenance.get("fused_revision") == FUSED_GRAPH_REVISION
 
 
 def file_sizes(directory: Path) -> dict[str, int]:

@@ -22,6 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 from .graphs import check_supported_decoder, input_output_names
 
 MS_DOMAIN = "com.microsoft"
+# Bumped when the fused graph changes in a way worth re-exporting for (recorded in the manifest's
+# provenance). 2: the LM head reads flattened rows (no Reshape copy of the logits).
+FUSED_GRAPH_REVISION = 2
 # gelu_new / gelu_pytorch_tanh are the tanh approximation FastGelu computes; "gelu" is exact erf.
 FAST_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 EXACT_GELU = ("gelu",)
@@ -167,9 +170,11 @@ def build_fused_step(lm_model) -> onnx.ModelProto:
         else:
             x = skip_norm(update, tf.ln_f, bias, "ln_f")
 
-    logits = b.node("MatMul", [x, embedding], 1, "lm_head/MatMul")[0]
-    b.node("Reshape", [logits, b.const("lm_head/shape", np.array([-1, config.vocab_size], np.int64))],
-           ["logits"], "lm_head/flatten")
+    # Flatten the width-sized rows before the head, not the vocabulary-sized logits after it:
+    # a Reshape of the logits copied rows x 50,257 floats every step (0.1 ms of a 7 ms step).
+    rows = b.node("Reshape", [x, b.const("lm_head/rows", np.array([-1, width], np.int64))], 1,
+                  "lm_head/rows")[0]
+    b.node("MatMul", [rows, embedding], ["logits"], "lm_head/MatMul")
 
     def tensor(name: str, dims) -> onnx.ValueInfoProto:
         elem = TensorProto.INT64 if name == "input_ids" else TensorProto.FLOAT

@@ -28,7 +28,7 @@ from torch import nn
 
 from edgecap.manifest import GenerationOptions, Manifest, Preprocessing
 
-from .fused_step import UnsupportedForFusion, build_fused_step, check_fusable
+from .fused_step import FUSED_GRAPH_REVISION, UnsupportedForFusion, build_fused_step, check_fusable
 from .graphs import DecoderStepGraph, EncoderGraph, HFVisionEncoder, input_output_names
 
 log = logging.getLogger("edgecap.export")
@@ -216,6 +216,7 @@ def export_captioner(
             opset=OPSET,
             shared_cross_kv=True,
             provenance={**(provenance or {}), "parity": parity, "decoder_graph": decoder_kind,
+                        **({"fused_revision": FUSED_GRAPH_REVISION} if decoder_kind == "fused" else {}),
                         "torch": torch.__version__},
             **special,
         )
