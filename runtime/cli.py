@@ -138,10 +138,11 @@ def run_watch(args: argparse.Namespace) -> int:
                            realtime=args.realtime)
     outputs = []  # every opened writer, closed (flushed) on the way out whatever happens
     try:
-        for path, make in ((args.out, JsonlWriter), (args.srt, lambda p: SubtitleWriter(p, "srt")),
-                           (args.vtt, lambda p: SubtitleWriter(p, "vtt"))):
-            if path or make is JsonlWriter:  # JSON lines go to stdout without --out
-                outputs.append(make(path))
+        path = args.out
+        outputs.append(JsonlWriter(path))  # JSON lines go to stdout without --out
+        for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")):
+            if path:
+                outputs.append(SubtitleWriter(path, kind))
     except OSError as exc:
         for writer in outputs:
             writer.close()

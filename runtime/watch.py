@@ -119,13 +119,12 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
     reader = threading.Thread(target=read, name="edgecap-reader", daemon=True)
     reader.start()
     last_signature, last_text = None, None
-    last_caption_at, last_heartbeat_stream = -1e9, None
+    last_caption_at, last_caption_stream = -1e9, None  # when the last caption was: wall, stream
     dropped_reported = 0
     if options.max_fps is not None and options.max_fps <= 0:
         raise ValueError(f"max_fps must be > 0 (got {options.max_fps})")
     min_gap_s = 1.0 / options.max_fps if options.max_fps else 0.0
     wait_for_cap = realtime or is_folder  # else: a file read losslessly, capped on its own clock
-    last_caption_stream = None
     try:
         while not stop.is_set():
             if min_gap_s and wait_for_cap:
@@ -152,15 +151,14 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
                 reason = "first"
             elif is_folder or float(np.abs(current - last_signature).mean()) > options.scene_threshold:
                 reason = "scene"
-            elif options.heartbeat_s and frame.timestamp - last_heartbeat_stream >= options.heartbeat_s:
+            elif options.heartbeat_s and frame.timestamp - last_caption_stream >= options.heartbeat_s:
                 reason = "heartbeat"
             else:
                 continue
             result = captioner.caption_loaded([frame.image], generation_options,
                                               [frame.name or str(frame.index)])[0]
             last_caption_at = time.monotonic()
-            last_signature, last_heartbeat_stream = current, frame.timestamp
-            last_caption_stream = frame.timestamp
+            last_signature, last_caption_stream = current, frame.timestamp
             if options.changes_only and result.text == last_text:
                 continue
             last_text = result.text
