@@ -149,7 +149,8 @@ def run_watch(args: argparse.Namespace) -> int:
         print(f"edgecap: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # restored on the way out
     count = 0
     try:
         for record in watch(source, captioner, options, stop, num_beams=args.num_beams,
