@@ -9,6 +9,7 @@ that a noisy minute on a shared machine hits every system alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -66,7 +67,6 @@ class HFSystem:
 
             self.model = VisionEncoderDecoderModel.from_pretrained(model_dir).eval()
             self.size = dir_size(model_dir, "*.safetensors")
-            self.encode = lambda px: self.model.encoder(pixel_values=px)
         else:
             from optimum.onnxruntime import ORTModelForVision2Seq
             import onnxruntime as ort
@@ -75,25 +75,45 @@ class HFSystem:
             options.intra_op_num_threads = threads
             self.model = ORTModelForVision2Seq.from_pretrained(optimum_dir, session_options=options)
             self.size = dir_size(optimum_dir, "*.onnx") + dir_size(optimum_dir, "*.onnx_data")
-            self.encode = lambda px: self.model.encoder(pixel_values=px)
+        self.encoder_calls_ms: list[float] = []
+        time_calls(self.model.encoder, self.encoder_calls_ms)
 
     def run(self, images, beams: int):
         from PIL import Image
 
         pixels = self.processor([Image.open(p).convert("RGB") for p in images],
                                 return_tensors="pt").pixel_values
+        self.encoder_calls_ms.clear()
         with self.torch.no_grad():
-            began = time.perf_counter()
-            self.encode(pixels)
-            encoder_ms = (time.perf_counter() - began) * 1e3
             began = time.perf_counter()
             out = self.model.generate(pixels, num_beams=beams, max_new_tokens=NEW_TOKENS,
                                       min_new_tokens=NEW_TOKENS, no_repeat_ngram_size=0,
                                       length_penalty=1.0, early_stopping=False)
             total_ms = (time.perf_counter() - began) * 1e3
         tokens = [row[1:] for row in out.tolist()]
-        # generate() encodes again inside; the decode share is its total minus one encoder pass.
+        encoder_ms = sum(self.encoder_calls_ms)  # generate() encodes once, inside the timed call
         return tokens, encoder_ms, max(0.0, total_ms - encoder_ms)
+
+
+def time_calls(module, calls_ms: list[float]) -> None:
+    """Record the duration of every call of ``module.forward`` in ``calls_ms``.
+
+    Both PyTorch modules and optimum's ORTEncoder route ``__call__`` through ``forward``, so an
+    instance-level wrapper times generate()'s own encoder pass: no extra pass is run (one used
+    to be, outside generate() but inside the timed latency, which charged the baselines one
+    encoder pass too many).
+    """
+    inner = module.forward
+
+    @functools.wraps(inner)  # generate() inspects the encoder's forward signature
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            calls_ms.append((time.perf_counter() - began) * 1e3)
+
+    module.forward = timed
 
 
 def main(argv=None) -> int:
