@@ -30,6 +30,9 @@ from .worker import NEW_TOKENS
 HERE = Path(__file__).resolve().parent
 FLICKR = HERE.parents[0].parent / "shared" / "data" / "flickr8k"
 log = logging.getLogger("edgecap.bench")
+# Each system, and the edgecap export mode it runs (None: it loads the Hugging Face model).
+SYSTEM_MODES = {"pytorch": None, "optimum-fp32": None, "optimum-int8": None, "edgecap-fp32": "none",
+                "edgecap-int8": "int8-dynamic", "edgecap-int4": "int4"}
 
 
 def machine_name() -> str:
@@ -255,21 +258,28 @@ def main(argv=None) -> int:
                         help="idle pause between slices (lets thread pools go to sleep)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run: a 2+2-layer, 32-wide model of the same layout, kept in "
+                             "WORK_DIR/tiny (checks the whole pipeline and equal tokens in about a "
+                             "minute; its timings mean nothing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("root").setLevel(logging.WARNING)  # quantizers' chatter goes to the root logger
     log.setLevel(logging.INFO)  # progress lines, which would otherwise inherit the root's WARNING
 
     started = time.perf_counter()
-    paths = ensure_exports(args.work_dir)
     systems = args.systems.split(",")
+    unknown = sorted(set(systems) - set(SYSTEM_MODES))
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEM_MODES)}")
+    work_dir = args.work_dir / "tiny" if args.tiny else args.work_dir
+    modes = tuple(dict.fromkeys(["none"] + [SYSTEM_MODES[s] for s in systems if SYSTEM_MODES[s]]))
+    paths = ensure_exports(work_dir, modes, tiny=args.tiny)
     if any(s.startswith("optimum") for s in systems):
-        paths.update(optimum_exports(paths["hf"], args.work_dir))
+        paths.update(optimum_exports(paths["hf"], work_dir))
     names = [l.strip() for l in (FLICKR / "split_test.txt").read_text().splitlines() if l.strip()]
     images = [str(FLICKR / "images" / n) for n in names[:8]]
-    model_for = {"pytorch": paths["hf"], "optimum-fp32": paths["hf"], "optimum-int8": paths["hf"],
-                 "edgecap-fp32": paths["none"], "edgecap-int8": paths["int8-dynamic"],
-                 "edgecap-int4": paths["int4"]}
+    model_for = {s: paths[SYSTEM_MODES[s]] if s.startswith("edgecap") else paths["hf"] for s in systems}
     workers: list[Worker] = []
     try:
         for system in systems:  # started one at a time: cold starts are not contended
@@ -286,7 +296,9 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     result = {
         "date": date, "machine": machine_name(), "threads": len(os.sched_getaffinity(0)),
-        "model": "vit-base-16-224 + gpt2 (12 layers), random weights", "new_tokens": NEW_TOKENS,
+        "model": ("tiny smoke model (vit 2 layers + gpt2 2 layers, 32 wide), random weights"
+                  if args.tiny else "vit-base-16-224 + gpt2 (12 layers), random weights"),
+        "new_tokens": NEW_TOKENS,
         "table": summarize(reports), "equal_work": equal_work(reports),
         "systems": {r["system"]: {k: r[k] for k in ("size_bytes", "peak_rss_mb", "cold_start_s")}
                     for r in reports},

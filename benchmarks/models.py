@@ -17,8 +17,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BPE = SHARED / "data" / "gpt2-bpe"
 
 
-def build_vit_gpt2(out_dir: Path, seed: int = 0) -> Path:
-    """save_pretrained() a random-weight ViT-base + GPT-2 small VisionEncoderDecoderModel."""
+def build_vit_gpt2(out_dir: Path, seed: int = 0, tiny: bool = False) -> Path:
+    """save_pretrained() a random-weight ViT-base + GPT-2 small VisionEncoderDecoderModel.
+
+    ``tiny``: the same layout at 2 + 2 layers, 32 wide (49 patches of 32 pixels, GPT-2's full
+    vocabulary), for the smoke run in the tests: every code path, no meaningful timings.
+    """
     import torch
     from transformers import (
         GPT2Config, GPT2TokenizerFast, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
@@ -30,9 +34,13 @@ def build_vit_gpt2(out_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = GPT2TokenizerFast(vocab_file=str(BPE / "encoder.json"), merges_file=str(BPE / "vocab.bpe"))
     eos = tokenizer.eos_token_id
+    small = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                 patch_size=32) if tiny else {}
+    small_lm = dict(n_layer=2, n_embd=32, n_head=2, n_positions=64) if tiny else {}
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        ViTConfig(image_size=224, patch_size=16),
-        GPT2Config(add_cross_attention=True, is_decoder=True, bos_token_id=eos, eos_token_id=eos),
+        ViTConfig(image_size=224, **({"patch_size": 16} | small)),
+        GPT2Config(add_cross_attention=True, is_decoder=True, bos_token_id=eos, eos_token_id=eos,
+                   **small_lm),
     )
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = eos
     model = VisionEncoderDecoderModel(config=config)
@@ -48,7 +56,7 @@ def build_vit_gpt2(out_dir: Path, seed: int = 0) -> Path:
 MODES = ("none", "int8-dynamic", "int4")
 
 
-def ensure_exports(root: Path, modes: tuple[str, ...] = MODES) -> dict[str, Path]:
+def ensure_exports(root: Path, modes: tuple[str, ...] = MODES, tiny: bool = False) -> dict[str, Path]:
     """Build the HF model and its edgecap exports under ``root``.
 
     Exports are reused while they match what this version of edgecap writes (the decoder graph
@@ -60,7 +68,7 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = MODES) -> dict[str, Path
     from edgecap.export.quantize import quantize_export
     from edgecap.manifest import Manifest
 
-    hf_dir = build_vit_gpt2(root / "hf")
+    hf_dir = build_vit_gpt2(root / "hf", tiny=tiny)
     paths = {"hf": hf_dir}
     fp32 = root / "edgecap-fp32"
     if not _current(fp32):
