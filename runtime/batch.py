@@ -30,7 +30,10 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="caption length cap in tokens")
     parser.add_argument("--no-repeat-ngram-size", type=int, help="block repeated n-grams of this size")
     parser.add_argument("--length-penalty", type=float, help="beam length penalty exponent")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images per batch (default 8). With int8 models an image's caption can "
+                             "depend on the rest of its batch (activations share one quantization "
+                             "scale); 1 makes every caption independent of the others")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
     parser.add_argument("--json", action="store_true", help="print one JSON object per input")

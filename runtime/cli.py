@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="export directory (default: the embedded model)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=8, help="images captioned together")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="images captioned together (default 8); 1 makes each request's caption "
+                            "independent of concurrent requests with int8 models, at lower throughput")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="how long the first queued image waits for company")
     serve.add_argument("--max-queue", type=int, default=32, help="queued images before 503")
