@@ -21,11 +21,11 @@ def calibration_dir(tmp_path_factory, flickr_images):
     return folder
 
 
-@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "int4", "fp16"])
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-block", "int8-static", "int4", "fp16"])
 def test_mode_exports_loads_and_captions(tiny_export, tmp_path, flickr_images, calibration_dir, mode):
     out = tmp_path / mode
     manifest = quantize_export(tiny_export, out, mode=mode, calibration=calibration_dir,
-                               calibration_count=4, block_size=32)  # block: int4 only; width 32
+                               calibration_count=4, block_size=32)  # block: int4/int8-block; width 32
     assert manifest.quantization["mode"] == mode
     captioner = Captioner(out)  # no flags: the manifest says what it is
     assert captioner.manifest.quantization["mode"] == mode
@@ -40,6 +40,42 @@ def test_mode_exports_loads_and_captions(tiny_export, tmp_path, flickr_images, c
     if mode == "int8-static":
         assert manifest.quantization["calibration"]["images"] == sorted(
             p.name for p in calibration_dir.iterdir())
+
+
+def test_int8_block_rows_do_not_influence_each_other(tiny_export, tmp_path, flickr_test_images):
+    """int8-block quantizes activations per row (and block): an image's tokens and logits are
+    the same captioned alone or in a batch, in the encoder and in every decoder step."""
+    import numpy as np
+    import onnx
+
+    from edgecap.decoding import greedy_search
+    from edgecap.preprocess import load_image, preprocess_batch
+
+    out = tmp_path / "int8-block"
+    quantize_export(tiny_export, out, mode="int8-block", block_size=16)
+    for graph in ("encoder.onnx", "decoder.onnx"):
+        ops = {n.op_type for n in onnx.load(str(out / graph)).graph.node}
+        assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops, graph
+    captioner = Captioner(out)
+    runner, m = captioner.runner, captioner.manifest
+    pixels = preprocess_batch([load_image(p) for p in flickr_test_images], m.preprocessing)
+    alone = [runner.encode(pixels[i : i + 1]) for i in range(len(pixels))]
+    together = runner.encode(pixels)
+    for i, cross in enumerate(alone):
+        for single, batched in zip(cross, together):
+            np.testing.assert_allclose(batched[i : i + 1], single, rtol=0, atol=1e-6)
+    stacked = [np.concatenate(parts) for parts in zip(*alone)]
+    options = captioner.options(num_beams=1, max_new_tokens=12)
+    batched = greedy_search(runner, stacked, options, m.decoder_start_token_id, m.eos_token_id)
+    singles = [greedy_search(runner, cross, options, m.decoder_start_token_id, m.eos_token_id)[0]
+               for cross in alone]
+    assert [h.token_ids for h in batched] == [h.token_ids for h in singles]
+    state = runner.start(stacked)
+    tokens = np.full(len(alone), m.decoder_start_token_id)
+    logits = runner.step(state, tokens)
+    for i, cross in enumerate(alone):
+        single = runner.step(runner.start(cross), tokens[:1])
+        np.testing.assert_allclose(logits[i : i + 1], single, rtol=0, atol=1e-5)
 
 
 def test_int8_dynamic_stores_embedding_once(tiny_export, tmp_path):
