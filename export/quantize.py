@@ -42,7 +42,7 @@ log = logging.getLogger("edgecap.export")
 
 MODES = ("none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16")
 BLOCK_MODES = {"int4": 4, "int8-block": 8}  # MatMulNBits modes and their bits per weight
-INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes (int4 and int8-block)
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # the MatMulNBits block sizes ONNX Runtime supports
 COPIED_FILES = ("tokenizer.json", "id_map.json")
 
 
@@ -58,14 +58,14 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
-    if mode in BLOCK_MODES and block_size not in INT4_BLOCK_SIZES:
-        raise ValueError(f"{mode} block size {block_size} unsupported; choose from {INT4_BLOCK_SIZES}")
+    if mode in BLOCK_MODES and block_size not in BLOCK_SIZES:
+        raise ValueError(f"{mode} block size {block_size} unsupported; choose from {BLOCK_SIZES}")
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
     width = manifest.num_heads * manifest.head_dim
     if mode in BLOCK_MODES and width % block_size:
         # Padded blocks would waste space and the tied embedding could not share the head's rows.
-        fitting = max(b for b in INT4_BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
+        fitting = max(b for b in BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
         hint = f"; use --block-size {fitting}" if fitting else ""
         raise ValueError(f"{mode} block size {block_size} does not divide the decoder width {width}{hint}")
     if manifest.quantization.get("mode", "none") != "none":
@@ -81,20 +81,15 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
             info["session_config"] = {"session.disable_quant_qdq": "1"}
             _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
             _dynamic(decoder_in, staging / "decoder.onnx", exclude_nodes, True)
-        elif mode == "int4":
+        elif mode in BLOCK_MODES:
             info["session_config"] = {"session.disable_quant_qdq": "1"}
             info["block_size"] = block_size
-            _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
-            _nbits(decoder_in, staging / "decoder.onnx", exclude_nodes, block_size, bits=4)
-        elif mode == "int8-block":
-            info["session_config"] = {"session.disable_quant_qdq": "1"}
-            info["block_size"] = block_size
-            if quantize_encoder:
-                _nbits(encoder_in, staging / "encoder.onnx", exclude_nodes, block_size, bits=8)
-                int8_conv_weights(staging / "encoder.onnx")
+            if mode == "int4":  # int4 is decoder-only; its encoder is int8-dynamic
+                _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
             else:
-                shutil.copyfile(encoder_in, staging / "encoder.onnx")
-            _nbits(decoder_in, staging / "decoder.onnx", exclude_nodes, block_size, bits=8)
+                _nbits(encoder_in, staging / "encoder.onnx", exclude_nodes, block_size, 8,
+                       quantize_encoder)
+            _nbits(decoder_in, staging / "decoder.onnx", exclude_nodes, block_size, BLOCK_MODES[mode])
         elif mode == "int8-static":
             from .calibration import calibration_readers
 
@@ -166,9 +161,13 @@ def _dynamic(src: Path, dst: Path, exclude: tuple[str, ...], enabled: bool) -> N
     int8_conv_weights(dst)
 
 
-def _nbits(src: Path, dst: Path, exclude: tuple[str, ...], block_size: int, bits: int) -> None:
+def _nbits(src: Path, dst: Path, exclude: tuple[str, ...], block_size: int, bits: int,
+           enabled: bool = True) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    if not enabled:
+        shutil.copyfile(src, dst)
+        return
     model = onnx.load(str(src))
     # accuracy_level 4: the kernel quantizes activations to int8 (per row and block) and uses
     # integer dot products (AVX-VNNI / AVX512-VNNI / ARM dot), the fast path on CPUs; weights
@@ -179,6 +178,7 @@ def _nbits(src: Path, dst: Path, exclude: tuple[str, ...], block_size: int, bits
     quantizer.process()
     model = quantizer.model.model
     share_nbits_embedding(model, block_size, bits)
+    store_conv_weights_int8(model)  # as int8-dynamic stores them (the decoder has none)
     onnx.save(model, str(dst))
 
 
@@ -271,12 +271,18 @@ def _calibration_images(folder: Path | None, count: int) -> list[Path]:
 
 
 def int8_conv_weights(path: Path) -> None:
+    """``store_conv_weights_int8`` on the graph file at ``path``, in place."""
+    model = onnx.load(str(path))
+    store_conv_weights_int8(model)
+    onnx.save(model, str(path))
+
+
+def store_conv_weights_int8(model: onnx.ModelProto) -> None:
     """Store convolution weights as int8 (per output channel, symmetric) + DequantizeLinear.
 
     Weight-only: the convolution still runs in float. ORT's integer convolution (ConvInteger) is
     several times slower than its float one on CPU, but the 4x smaller file is worth keeping.
     """
-    model = onnx.load(str(path))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     for conv in [n for n in graph.node if n.op_type == "Conv" and n.input[1] in inits]:
@@ -298,7 +304,6 @@ def int8_conv_weights(path: Path) -> None:
             "DequantizeLinear", [f"{name}_int8", f"{name}_int8_scale", f"{name}_int8_zero"],
             [f"{name}_dequantized"], axis=0, name=f"{name}_dequantize"))
         conv.input[1] = f"{name}_dequantized"
-    onnx.save(model, str(path))
 
 
 def share_quantized_embedding(path: Path) -> None:
