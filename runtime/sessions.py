@@ -48,9 +48,9 @@ def build_session(
     """Open one ONNX graph with full graph optimizations.
 
     ``spinning``: within a run, idle pool threads busy-wait for the next kernel instead of
-    sleeping; they stop as soon as the run ends. Worth it for both graphs: the decoder step has
-    about 190 small kernels per token, each otherwise paying a thread wake-up; the ViT-base int8
-    encoder measured 73.4 -> 68.8 ms with it (2026-11-25, interleaved runs).
+    sleeping; they stop as soon as the run ends. Worth it for both graphs: the decoder step runs
+    many small kernels per token, each otherwise paying a thread wake-up, and the encoder gains a
+    little too (measurements in benchmarks/README.md, "What was tried").
 
     Raises:
         ModelError: the file is missing, a git-lfs pointer, or not a loadable ONNX model.
@@ -65,17 +65,13 @@ def build_session(
     options.log_severity_level = 3
     options.enable_profiling = profile
     # Spinning that outlives a run steals the cores of whatever runs next (the other session's
-    # pool): both pools spinning made a greedy ViT-GPT2 caption 332 ms against 288 ms for
-    # neither. Spinning that stops at the end of each run (force_spinning_stop) has no such
-    # cost: in the decoder it measured 1.1-1.3x faster captions (int4 greedy ~200 vs ~250 ms;
-    # default model step 1.4 -> 0.8 ms), in the encoder too a little more (see above).
+    # pool), so the two pools would slow each other down. Spinning that stops at the end of each
+    # run (force_spinning_stop) keeps the wake-up savings without that cost.
     entries = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
     if spinning:
         entries["session.force_spinning_stop"] = "1"
     # Parallel loops hand out shrinking blocks of work instead of one task per block: fewer
-    # dispatches for the many small kernels of a decoder step. Measured, interleaved: int8
-    # GPT-2 step 7.15 -> 6.83 ms, int4 4.53 -> 4.27 ms; greedy caption 1.035x (ViT-GPT2 int8)
-    # and 1.06x (default model).
+    # dispatches for the many small kernels of a decoder step (measured: benchmarks/README.md).
     entries["session.intra_op.dynamic_block_base"] = "4"
     entries.update({key: str(value) for key, value in (config or {}).items()})  # the manifest's
     for key, value in entries.items():
