@@ -12,17 +12,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite_pytorch")
 
-from tiny_models import FLICKR  # noqa: E402
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from edgecap.export.training import train
+def checkpoint(tmp_path_factory, mini_flickr) -> Path:
+    from edgecap.export.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "model"
-    train(FLICKR, out, epochs=1, batch_size=8, lr=3e-3, warmup_steps=2, n_layer=2, n_embd=64,
-          n_head=4, max_train_images=8, dev_images=4, patience=10, threads=2, max_steps=6,
-          cache_dir=out.parent / "cache", log_every=0, command_line="pytest")
+    train(TrainConfig(mini_flickr, out, epochs=1, batch_size=8, lr=3e-3, warmup_steps=2,
+                      n_layer=2, n_embd=64, n_head=4, max_train_images=8, dev_images=4,
+                      patience=10, threads=2, max_steps=6, cache_dir=out.parent / "cache",
+                      log_every=0, command_line="pytest"))
     return out
 
 

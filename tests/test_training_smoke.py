@@ -1,8 +1,8 @@
-"""Smoke test of the training recipe: a few steps on 8 Flickr8k images with a tiny decoder."""
+"""Smoke test of the training recipe: a few steps on 8 images (a Flickr8k-format folder built from
+the photos in tests/data, see conftest.mini_flickr) with a tiny decoder."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -10,20 +10,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("efficientnet_lite_pytorch")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k"
 
-
-@pytest.mark.skipif(not (DATA / "captions.txt").exists(), reason="Flickr8k not available")
-def test_train_few_steps_and_reload(tmp_path):
+def test_train_few_steps_and_reload(tmp_path, mini_flickr):
     from edgecap.export.captioner_model import load_trained
-    from edgecap.export.training import load_pixels, train
+    from edgecap.export.training import TrainConfig, load_pixels, train
 
     out = tmp_path / "model"
-    result = train(
-        DATA, out, epochs=5, batch_size=8, lr=3e-3, warmup_steps=3, n_layer=1, n_embd=64,
+    result = train(TrainConfig(
+        mini_flickr, out, epochs=5, batch_size=8, lr=3e-3, warmup_steps=3, n_layer=1, n_embd=64,
         n_head=2, max_train_images=8, dev_images=4, patience=10, threads=2,
         cache_dir=tmp_path / "cache", log_every=0, command_line="pytest smoke",
-    )
+    ))
 
     for name in ["encoder.pt", "decoder/config.json", "decoder/generation_config.json",
                  "id_map.json", "tokenizer.json", "preprocess.json", "train_config.json",
@@ -42,7 +39,7 @@ def test_train_few_steps_and_reload(tmp_path):
     assert decoder.generation_config.eos_token_id == 0
     saved = torch.load(out / "encoder.pt", weights_only=True)
     assert torch.equal(encoder.state_dict()["proj.weight"], saved["proj.weight"])
-    pixels = torch.from_numpy(load_pixels(DATA / "images" / (DATA / "split_train.txt")
+    pixels = torch.from_numpy(load_pixels(mini_flickr / "images" / (mini_flickr / "split_train.txt")
                                           .read_text().split()[0]))[None]
     with torch.no_grad():
         tokens = encoder(pixels)

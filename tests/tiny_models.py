@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+# Research data beside the checkout (CI has it, a fresh clone does not): only the tests that need
+# Flickr8k's scale read it, and they skip without it (see conftest.needs_flickr).
+SHARED = REPO.parent / "shared"
 FLICKR = SHARED / "data" / "flickr8k"
-BPE = SHARED / "data" / "gpt2-bpe"
+# The shipped default model's tokenizer holds GPT-2's full BPE (50257 tokens), so the tiny models
+# need no BPE files from outside the repository.
+GPT2_TOKENIZER_JSON = REPO / "runtime" / "models" / "default" / "tokenizer.json"
 START_TOKEN = 32  # "A"
 
 
@@ -40,9 +45,10 @@ CONFIGS = [
 
 
 def gpt2_tokenizer():
+    """GPT-2's tokenizer (EOS = BOS = UNK = <|endoftext|>) from the repository's own files."""
     from transformers import GPT2TokenizerFast
 
-    return GPT2TokenizerFast(vocab_file=str(BPE / "encoder.json"), merges_file=str(BPE / "vocab.bpe"))
+    return GPT2TokenizerFast(tokenizer_file=str(GPT2_TOKENIZER_JSON))
 
 
 def build_model(cfg: TinyConfig, out_dir: Path) -> Path:
