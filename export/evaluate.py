@@ -78,15 +78,30 @@ def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],
 
 
 def caption_all(captioner: Captioner, images: list[Path], batch_size: int, **options) -> list:
+    """Captions in input order through the runtime's one batching path, with a progress bar.
+
+    Raises:
+        SystemExit: an image cannot be read (its name and the reason).
+    """
     from tqdm import tqdm
 
     results = []
-    with tqdm(total=len(images), desc="captioning", unit="img", file=sys.stderr) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            results += captioner.caption(chunk, batch_size=batch_size, **options)
-            bar.update(len(chunk))
+    stream = captioner.caption_stream([(str(p), p) for p in images], batch_size=batch_size,
+                                      **options)
+    for outcome in tqdm(stream, total=len(images), desc="captioning", unit="img", file=sys.stderr):
+        if not outcome.ok:
+            raise SystemExit(f"edgecap: error: {outcome.error}")
+        results.append(outcome)
     return results
+
+
+def invariance_share(captioner: Captioner, images: list[Path], batch_size: int = 8,
+                     alone: list | None = None, **options) -> float:
+    """Share of images whose tokens are identical captioned alone and in batches of ``batch_size``
+    (``alone``: results already captioned one at a time, reused when given)."""
+    alone = alone if alone is not None else caption_all(captioner, images, 1, **options)
+    batched = caption_all(captioner, images, batch_size, **options)
+    return sum(a.token_ids == b.token_ids for a, b in zip(alone, batched)) / max(1, len(images))
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -98,20 +113,26 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def evaluate_cli(args: argparse.Namespace) -> int:
+    from edgecap.options import generation_from_args
+
     if args.data.is_dir():
         images, references = load_flickr8k(args.data, args.split)
     else:
         images, references = load_coco(args.data, args.images)
     if args.limit:
         images = images[: args.limit]
-    captioner = Captioner(args.model)
-    options = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
+    options = generation_from_args(args)
+    effective = captioner.options(**options)
     started = time.perf_counter()
     results = caption_all(captioner, images, args.batch_size, **options)
     seconds = time.perf_counter() - started
     hypotheses = {img.name: r.text for img, r in zip(images, results)}
     scores = score_captions(hypotheses, references, meteor=not args.no_meteor)
-    effective = captioner.options(**options)
+    if args.invariance:
+        # Identical alone vs in batches of 8: a caption must not depend on its batch.
+        alone = results if args.batch_size == 1 else None
+        scores["invariant@8"] = invariance_share(captioner, images, 8, alone, **options)
     label = f"{captioner.manifest.quantization.get('mode', 'none')} beams={effective.num_beams}"
     print(format_table({label: scores}))
     print(f"{len(images)} images in {seconds:.1f} s ({seconds / len(images) * 1e3:.1f} ms/image, "
@@ -120,8 +141,8 @@ def evaluate_cli(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "model": str(captioner.model_dir), "split": args.split, "images": len(images),
-            "options": effective.__dict__, "quantization": captioner.manifest.quantization,
-            "metrics": scores, "seconds": seconds,
-            "captions": hypotheses,
+            "options": effective.__dict__, "batch_size": args.batch_size,
+            "quantization": captioner.manifest.quantization, "metrics": scores,
+            "seconds": seconds, "captions": hypotheses,
         }, indent=2))
     return 0

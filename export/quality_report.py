@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecap import Captioner
+from edgecap.decoding import greedy_search
 from edgecap.preprocess import load_image, to_pixels
 
 
@@ -25,23 +26,38 @@ def token_agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / longest
 
 
+class StepTimer:
+    """A GraphRunner seen through the runtime's own search: times every decoder step it runs."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.step_ms: list[float] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def step(self, state, tokens):
+        began = time.perf_counter()
+        logits = self.runner.step(state, tokens)
+        self.step_ms.append((time.perf_counter() - began) * 1e3)
+        return logits
+
+
 def part_latencies(captioner: Captioner, image: Path, reps: int) -> tuple[list[float], list[float]]:
-    """Encoder ms per image and decoder-step ms (batch 1, cache of 10 tokens)."""
-    runner, manifest = captioner.runner, captioner.manifest
+    """Encoder ms per image and decoder-step ms (batch 1, greedy, ten steps, first two skipped
+    as warm-up of the cache-less steps)."""
+    manifest = captioner.manifest
     pixels = to_pixels(load_image(image), manifest.preprocessing)[None]
+    # min_new_tokens holds the end token back: every repetition times the same ten steps.
+    options = captioner.options(num_beams=1, max_new_tokens=10, min_new_tokens=10)
     encoder_ms, step_ms = [], []
     for _ in range(reps):
+        timer = StepTimer(captioner.runner)
         began = time.perf_counter()
-        cross = runner.encode(pixels)
+        cross = timer.encode(pixels)
         encoder_ms.append((time.perf_counter() - began) * 1e3)
-        state = runner.start(cross)
-        token = np.array([manifest.decoder_start_token_id])
-        for step in range(10):
-            began = time.perf_counter()
-            logits = runner.step(state, token)
-            if step >= 2:  # past warm-up of the first, cache-less steps
-                step_ms.append((time.perf_counter() - began) * 1e3)
-            token = logits.argmax(axis=-1)
+        greedy_search(timer, cross, options, manifest.decoder_start_token_id, manifest.eos_token_id)
+        step_ms += timer.step_ms[2:]
     return encoder_ms, step_ms
 
 
@@ -50,12 +66,14 @@ def onnx_bytes(directory: Path) -> int:
 
 
 def quality_report(fp32_dir: Path, quantized_dir: Path, images: list[Path],
-                   references: dict[str, list[str]] | None, num_beams: int | None,
-                   latency_reps: int = 20) -> dict:
+                   references: dict[str, list[str]] | None, options: dict | None = None,
+                   latency_reps: int = 20, batch_size: int = 16, invariance: bool = True) -> dict:
+    from .evaluate import caption_all, invariance_share
+
+    options = options or {}
     base, quant = Captioner(fp32_dir), Captioner(quantized_dir)
-    options = {"num_beams": num_beams} if num_beams else {}
-    base_results = base.caption(images, batch_size=16, **options)
-    quant_results = quant.caption(images, batch_size=16, **options)
+    base_results = caption_all(base, images, batch_size, **options)
+    quant_results = caption_all(quant, images, batch_size, **options)
     identical = np.mean([a.token_ids == b.token_ids for a, b in zip(base_results, quant_results)])
     agreement = np.mean([token_agreement(a.token_ids, b.token_ids)
                          for a, b in zip(base_results, quant_results)])
@@ -67,6 +85,9 @@ def quality_report(fp32_dir: Path, quantized_dir: Path, images: list[Path],
         "fp32_mb": onnx_bytes(fp32_dir) / 1e6, "quantized_mb": onnx_bytes(quantized_dir) / 1e6,
     }
     report["size_ratio"] = report["quantized_mb"] / report["fp32_mb"]
+    if invariance:  # a caption must not depend on the rest of its batch
+        report["invariant_at_8"] = {name: invariance_share(captioner, images, 8, **options)
+                                    for name, captioner in (("fp32", base), ("quantized", quant))}
     if references:
         from .evaluate import score_captions
 
@@ -102,6 +123,8 @@ def markdown(report: dict) -> str:
         "|---|---|",
         f"| identical captions | {report['identical_captions']:.1%} |",
         f"| mean token agreement | {report['mean_token_agreement']:.1%} |",
+        *[f"| identical alone and in batches of 8 ({name}) | {share:.1%} |"
+          for name, share in report.get("invariant_at_8", {}).items()],
         f"| size (ONNX) | {report['quantized_mb']:.1f} MB vs {report['fp32_mb']:.1f} MB "
         f"({report['size_ratio']:.1%}) |",
         f"| encoder p50 | {lat['quantized']['encoder_p50']:.1f} ms vs "
@@ -117,28 +140,36 @@ def markdown(report: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edgecap.options import add_generation_arguments
+
     parser.add_argument("fp32", type=Path, help="fp32 export directory")
     parser.add_argument("quantized", type=Path, help="quantized export of the same model")
     parser.add_argument("--data", type=Path, help="Flickr8k folder: score against references")
     parser.add_argument("--images", type=Path, help="a folder of images (no references)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=200, help="images to compare (default 200)")
-    parser.add_argument("--beams", type=int, dest="num_beams")
+    parser.add_argument("--no-invariance", dest="invariance", action="store_false",
+                        help="skip the alone-vs-batch-of-8 check (saves two captioning passes)")
     parser.add_argument("--out", type=Path, help="write the JSON report here (markdown beside it)")
+    add_generation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgecap.batch import expand_inputs
+    from edgecap.options import generation_from_args
+
     references = None
     if args.data:
         from .evaluate import load_flickr8k
 
         images, references = load_flickr8k(args.data, args.split)
     elif args.images:
-        images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        images = [Path(p) for p in expand_inputs([str(args.images)])]
     else:
         raise SystemExit("edgecap: error: give --data (Flickr8k) or --images")
     images = images[: args.limit]
-    report = quality_report(args.fp32, args.quantized, images, references, args.num_beams)
+    report = quality_report(args.fp32, args.quantized, images, references,
+                            generation_from_args(args), invariance=args.invariance)
     text = markdown(report)
     print(text)
     if args.out:

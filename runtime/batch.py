@@ -1,6 +1,7 @@
 """Batch captioning for the CLI: expand inputs, caption in batches, one output line per input.
 
-Every input gets exactly one line, ``ok`` with its caption or ``error`` with the reason. With
+Every input gets exactly one line (``CaptionResult.to_record()``), ``ok`` with its caption or
+``error`` with the reason. With
 ``--out``, lines are appended to a JSONL file as they are produced; a re-run skips inputs already
 recorded there, so an interrupted run resumes instead of starting over.
 """
@@ -14,31 +15,21 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from .errors import EdgecapError, ImageError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from .options import add_generation_arguments, add_runtime_arguments, generation_from_args
+from .preprocess import IMAGE_SUFFIXES
 
 
 def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
                         help="image files, folders (walked recursively) or quoted globs")
     parser.add_argument("--model", help="export directory (default: the embedded model)")
-    parser.add_argument("--beams", type=int, dest="num_beams",
-                        help="beam width; 1 is greedy (default: the model's)")
-    parser.add_argument("--max-new-tokens", type=int, help="caption length cap in tokens")
-    parser.add_argument("--no-repeat-ngram-size", type=int, help="block repeated n-grams of this size")
-    parser.add_argument("--length-penalty", type=float, help="beam length penalty exponent")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="images per batch (default 8). With int8 models an image's caption can "
-                             "depend on the rest of its batch (activations share one quantization "
-                             "scale); 1 makes every caption independent of the others")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
     parser.add_argument("--json", action="store_true", help="print one JSON object per input")
     parser.add_argument("--out", type=Path,
                         help="append JSONL results here; a re-run skips inputs already in it")
+    add_generation_arguments(parser)
+    add_runtime_arguments(parser, batch_size=8)
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
@@ -88,25 +79,16 @@ def run_caption(args: argparse.Namespace) -> int:
         skipped = sum(1 for s in sources if s in done)
         sources = [s for s in sources if s not in done]
     captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
-    options = captioner.options(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                length_penalty=args.length_penalty)
+    generation = generation_from_args(args)
+    captioner.options(**generation)  # a bad combination fails before any file is opened
     sink = open(args.out, "a", encoding="utf-8") if args.out else None
     progress = Progress(len(sources), enabled=sink is not None or len(sources) > 1)
-    failed = ok = 0
+    counts = {"ok": 0, "error": 0}
     try:
-        for record in caption_records(captioner, sources, options, args.batch_size):
-            ok += record["status"] == "ok"
-            failed += record["status"] == "error"
-            line = json.dumps(record, ensure_ascii=False)
-            if sink:
-                sink.write(line + "\n")
-                sink.flush()
-            if args.json:
-                print(line, flush=True)
-            elif not sink:
-                text = record.get("caption") if record["status"] == "ok" else f"ERROR: {record['error']}"
-                print(f"{record['source']}\t{text}" if len(sources) > 1 else text, flush=True)
+        for outcome in captioner.caption_stream(sources, batch_size=args.batch_size, **generation):
+            record = outcome.to_record()
+            counts[record["status"]] += 1
+            _emit(record, sink, args.json, many=len(sources) > 1)
             progress.update()
     finally:
         if sink:
@@ -114,50 +96,25 @@ def run_caption(args: argparse.Namespace) -> int:
             os.fsync(sink.fileno())
             sink.close()
         progress.close()
-    summary = f"{ok} captioned, {failed} failed"
+    summary = f"{counts['ok']} captioned, {counts['error']} failed"
     if skipped:
         summary += f", {skipped} already in {args.out}"
-    if sink is not None or failed or len(sources) > 1:
+    if sink is not None or counts["error"] or len(sources) > 1:
         print(f"edgecap: {summary}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if counts["error"] else 0
 
 
-def caption_records(captioner, sources: list[str], options, batch_size: int) -> Iterator[dict]:
-    """Yield one record per source, in order; bad images become error records."""
-    from .preprocess import load_image
-
-    pending: list[tuple[str, object]] = []
-    started = time.perf_counter()
-
-    def flush() -> Iterator[dict]:
-        nonlocal started
-        if not pending:
-            return
-        names = [name for name, _ in pending]
-        try:
-            results = captioner.caption_loaded([img for _, img in pending], options, names, started)
-        except EdgecapError as exc:
-            results = [exc] * len(pending)
-        for name, result in zip(names, results):
-            if isinstance(result, Exception):
-                yield {"source": name, "status": "error", "error": str(result)}
-            else:
-                yield {"source": name, "status": "ok", "caption": result.text,
-                       "score": round(result.score, 4), "token_ids": result.token_ids,
-                       "latency_ms": round(result.timings["total_ms"], 2)}
-        pending.clear()
-        started = time.perf_counter()
-
-    for source in sources:
-        try:
-            pending.append((source, load_image(source)))
-        except ImageError as exc:
-            yield from flush()  # keep output in input order
-            yield {"source": source, "status": "error", "error": exc.reason}
-            continue
-        if len(pending) >= batch_size:
-            yield from flush()
-    yield from flush()
+def _emit(record: dict, sink, as_json: bool, many: bool) -> None:
+    """One input's line: JSONL to --out and/or stdout, else plain text on stdout."""
+    line = json.dumps(record, ensure_ascii=False)
+    if sink:
+        sink.write(line + "\n")
+        sink.flush()
+    if as_json:
+        print(line, flush=True)
+    elif not sink:
+        text = record["generated_text"] if record["status"] == "ok" else f"ERROR: {record['error']}"
+        print(f"{record['source']}\t{text}" if many else text, flush=True)
 
 
 class Progress:

@@ -4,41 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from .decoding import Hypothesis, beam_search, greedy_search
-from .errors import ModelError, OptionsError
+from .errors import EdgecapError, ModelError, OptionsError
 from .manifest import GenerationOptions, Manifest
+from .options import check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
+from .results import CaptionFailure, CaptionResult
 from .sessions import build_session
 from .step import GraphRunner
 from .tokenizer import CaptionTokenizer
-
-
-@dataclass
-class CaptionResult:
-    """One image's caption.
-
-    ``token_ids`` are tokenizer (GPT-2) ids without the end token; ``score`` is the beam's
-    length-normalised log-probability (beam search) or the mean token log-probability (greedy);
-    ``timings`` are milliseconds for the batch this image was decoded in.
-    """
-
-    text: str
-    token_ids: list[int]
-    score: float
-    source: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["generated_text"] = data.pop("text")  # the HF image-to-text pipeline's key
-        return data
 
 
 def default_model_dir() -> Path:
@@ -77,16 +57,13 @@ class Captioner:
         self.runner = GraphRunner(encoder, decoder, m)
 
     def options(self, **overrides: Any) -> GenerationOptions:
-        """The manifest's generation defaults with the given (non-None) overrides."""
-        values = {k: v for k, v in overrides.items() if v is not None}
-        unknown = set(values) - {f.name for f in dataclasses.fields(GenerationOptions)}
-        if unknown:
-            raise OptionsError(f"unknown generation options: {sorted(unknown)}")
-        options = dataclasses.replace(self.manifest.generation, **values)
-        if options.num_beams < 1:
-            raise OptionsError("num_beams must be >= 1")
-        if options.max_new_tokens < 1:
-            raise OptionsError("max_new_tokens must be >= 1")
+        """The manifest's generation defaults with the given (non-None) overrides.
+
+        Raises:
+            OptionsError: an unknown option, a value out of bounds, or a combination this model
+                cannot honour (the message names the option).
+        """
+        options = dataclasses.replace(self.manifest.generation, **check_generation(overrides))
         if options.max_new_tokens + 1 > self.manifest.max_positions:
             raise OptionsError(
                 f"max_new_tokens {options.max_new_tokens} exceeds this model's "
@@ -94,8 +71,6 @@ class Captioner:
             )
         if options.min_new_tokens > options.max_new_tokens:
             raise OptionsError("min_new_tokens cannot exceed max_new_tokens")
-        if options.repetition_penalty <= 0:
-            raise OptionsError("repetition_penalty must be > 0")
         return options
 
     def caption(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 8,
@@ -104,7 +79,7 @@ class Captioner:
 
         Args:
             images: a path, bytes, PIL image or HxWxC array, or a list of these.
-            batch_size: images encoded and decoded together.
+            batch_size: images encoded and decoded together (captions do not depend on it).
             **generation: ``num_beams``, ``max_new_tokens``, ``min_new_tokens``,
                 ``length_penalty``, ``early_stopping``, ``no_repeat_ngram_size``,
                 ``repetition_penalty`` (transformers' names); the manifest gives the defaults.
@@ -115,15 +90,62 @@ class Captioner:
             OptionsError: invalid generation options.
         """
         single = isinstance(images, (str, Path, bytes, np.ndarray)) or hasattr(images, "getpixel")
-        items = [images] if single else list(images)
-        options = self.options(**generation)
-        results: list[CaptionResult] = []
-        for start in range(0, len(items), max(1, batch_size)):
-            chunk = items[start : start + batch_size]
-            began = time.perf_counter()
-            loaded = [load_image(item) for item in chunk]
-            results += self.caption_loaded(loaded, options, [describe(i) for i in chunk], began)
+        results = []
+        for outcome in self.caption_stream([images] if single else images,
+                                           batch_size=batch_size, **generation):
+            if not outcome.ok:
+                raise outcome.error
+            results.append(outcome)
         return results[0] if single else results
+
+    def caption_stream(self, items: Iterable[ImageInput | tuple[str, ImageInput]], *,
+                       batch_size: int = 8, **generation: Any
+                       ) -> Iterator[CaptionResult | CaptionFailure]:
+        """Caption many inputs lazily: one outcome per input, in input order.
+
+        This is the one batching path: inputs are loaded one at a time and captioned in batches
+        of ``batch_size`` loaded images; an input that cannot be read becomes a
+        ``CaptionFailure`` in its place and never fails the batch around it.
+
+        Args:
+            items: inputs as for ``caption``, or ``(source name, input)`` pairs.
+            batch_size: images encoded and decoded together.
+            **generation: as for ``caption``.
+        Yields:
+            ``CaptionResult`` (``.ok`` True) or ``CaptionFailure`` (``.ok`` False) per input.
+        Raises:
+            OptionsError: invalid generation options (before any input is read).
+        """
+        options = self.options(**generation)
+        batch_size = max(1, int(batch_size))
+        slots: list[CaptionResult | CaptionFailure | None] = []  # None: waits for its batch
+        loaded: list[tuple[str, Any]] = []
+        began = time.perf_counter()
+        for item in items:
+            source, image = item if isinstance(item, tuple) else (describe(item), item)
+            try:
+                loaded.append((source, load_image(image)))
+                slots.append(None)
+            except EdgecapError as exc:
+                slots.append(CaptionFailure(source, exc))
+            if len(loaded) >= batch_size:
+                yield from self._fill(slots, loaded, options, began)
+                slots, loaded, began = [], [], time.perf_counter()
+        yield from self._fill(slots, loaded, options, began)
+
+    def _fill(self, slots: list, loaded: list[tuple[str, Any]], options: GenerationOptions,
+              began: float) -> Iterator[CaptionResult | CaptionFailure]:
+        """Caption ``loaded`` and yield every slot in order (failures stay where they were)."""
+        outcomes: list[CaptionResult | CaptionFailure] = []
+        if loaded:
+            sources = [source for source, _ in loaded]
+            try:
+                outcomes = self.caption_loaded([img for _, img in loaded], options, sources, began)
+            except EdgecapError as exc:
+                outcomes = [CaptionFailure(source, exc) for source in sources]
+        pending = iter(outcomes)
+        for slot in slots:
+            yield next(pending) if slot is None else slot
 
     def caption_loaded(self, images: list, options: GenerationOptions, sources: list[str],
                        began: float | None = None) -> list[CaptionResult]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import Sequence
 
 from .batch import add_caption_arguments, run_caption
 from .errors import EdgecapError
-
-log = logging.getLogger("edgecap")
+from .options import add_generation_arguments, add_runtime_arguments, generation_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pace files at their frame rate and drop stale frames (live default)")
     pace.add_argument("--lossless", dest="realtime", action="store_false",
                       help="never drop frames (file default)")
-    watch.add_argument("--timeout-s", type=float, default=5.0, help="stream read timeout")
-    watch.add_argument("--beams", type=int, dest="num_beams", help="beam width (default: model's)")
-    watch.add_argument("--max-new-tokens", type=int)
-    watch.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    watch.add_argument("--timeout-s", type=positive_float, default=5.0,
+                       help="stream read timeout in seconds (default 5)")
+    add_generation_arguments(watch)
+    add_runtime_arguments(watch)
     watch.set_defaults(handler=run_watch)
 
     serve = commands.add_parser(
@@ -75,16 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="export directory (default: the embedded model)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=8,
-                       help="images captioned together (default 8); 1 makes each request's caption "
-                            "independent of concurrent requests with int8 models, at lower throughput")
+    serve.add_argument("--max-batch", type=positive_int, default=8,
+                       help="most images captioned together (default 8)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
-                       help="how long the first queued image waits for company")
-    serve.add_argument("--max-queue", type=int, default=32, help="queued images before 503")
-    serve.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
-    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit")
-    serve.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+                       help="how long the first queued image waits for company (default 10)")
+    serve.add_argument("--max-queue", type=positive_int, default=32,
+                       help="queued images before 503 (default 32)")
+    serve.add_argument("--timeout-s", type=positive_float, default=30.0,
+                       help="per-request timeout in seconds (default 30)")
+    serve.add_argument("--max-body-mb", type=positive_float, default=20.0,
+                       help="request body limit in MB (default 20)")
+    add_generation_arguments(serve)  # the service's defaults; each request may override them
+    add_runtime_arguments(serve)
     serve.set_defaults(handler=run_serve)
+    from . import search_cli  # the caption archive's search (sqlite3 only: cheap to import)
+    search_cli.add_parser(commands)
     try:
         toolchain = importlib.import_module("edgecap.export.commands")
     except ImportError:  # runtime-only install: no export package
@@ -109,18 +112,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgecap: error: {exc}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
-        print(f"edgecap: error: {exc.name} is not installed; this command needs "
-              f"`pip install 'edgecap[export]'`", file=sys.stderr)
+        print(missing_extra_message(args.command, exc.name), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgecap: interrupted", file=sys.stderr)
         return 130
 
 
+# The optional module -> the extra that installs it (pyproject.toml's optional-dependencies).
+EXTRA_OF_MODULE = {
+    "starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+    "prometheus_client": "serve", "av": "video", "optimum": "bench", "matplotlib": "bench",
+}
+
+
+def missing_extra_message(command: str, module: str | None) -> str:
+    """One line naming the extra that provides ``module`` (the toolchain's by default)."""
+    top = (module or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top, "export")
+    return (f"edgecap: error: `edgecap {command}` needs the [{extra}] extra ({top or 'a module'} "
+            f"is not installed): pip install 'edgecap[{extra}]'")
+
+
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
     return value
 
 
@@ -132,9 +162,11 @@ def run_watch(args: argparse.Namespace) -> int:
     from .sources import open_source
     from .watch import JsonlWriter, SubtitleWriter, WatchOptions, watch
 
-    captioner = Captioner(args.model, cpu_threads=args.threads)
     source = open_source(args.source, timeout_s=args.timeout_s) if not Path(args.source).is_dir() \
         else open_source(args.source)
+    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
+    generation = generation_from_args(args)
+    captioner.options(**generation)  # fail on bad options before any writer opens a file
     options = WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
                            heartbeat_s=args.heartbeat, changes_only=args.changes_only,
                            realtime=args.realtime)
@@ -155,8 +187,7 @@ def run_watch(args: argparse.Namespace) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM)}  # restored on the way out
     count = 0
     try:
-        for record in watch(source, captioner, options, stop, num_beams=args.num_beams,
-                            max_new_tokens=args.max_new_tokens):
+        for record in watch(source, captioner, options, stop, **generation):
             for writer in outputs:
                 writer.add(record)
             count += 1
@@ -178,14 +209,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                         max_queue=args.max_queue, timeout_s=args.timeout_s,
-                        max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads)
+                        max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads,
+                        device=args.device, generation=generation_from_args(args))
     print(f"edgecap: serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     serve(settings, args.host, args.port)
     return 0
-
-
-def print_json(data: object) -> None:
-    print(json.dumps(data, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ RESAMPLE = {
 }
 # Formats we let PIL open: decoders outside this list never see untrusted bytes.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# File names taken as images when a folder is walked (caption, watch, eval, calibration).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Background that transparent pixels are composited on (white, as a viewer would show them).
 ALPHA_BACKGROUND = (255, 255, 255)
 

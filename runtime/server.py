@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,17 +26,26 @@ from starlette.routing import Route
 from .batcher import MicroBatcher, Overloaded
 from .captioner import Captioner
 from .errors import ImageError, OptionsError
+from .options import generation_from_fields, openapi_form_properties, openapi_parameters
 from .preprocess import decode_image
 
 DEMO_PAGE = (Path(__file__).parent / "demo.html")
 
 
+@dataclass
 class Settings:
-    def __init__(self, model=None, *, max_batch=8, max_wait_ms=10.0, max_queue=32,
-                 timeout_s=30.0, max_body_bytes=20 * 2**20, max_images=8, cpu_threads=None):
-        self.model, self.max_batch, self.max_wait_ms = model, max_batch, max_wait_ms
-        self.max_queue, self.timeout_s, self.max_body_bytes = max_queue, timeout_s, max_body_bytes
-        self.max_images, self.cpu_threads = max_images, cpu_threads
+    """How the service runs; ``generation`` holds its default options (requests may override)."""
+
+    model: str | Path | None = None
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 32
+    timeout_s: float = 30.0
+    max_body_bytes: int = 20 * 2**20
+    max_images: int = 8
+    cpu_threads: int | None = None
+    device: str = "cpu"
+    generation: dict[str, Any] = field(default_factory=dict)
 
 
 class Metrics:
@@ -82,8 +93,9 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        captioner = await run_in_threadpool(Captioner, settings.model,
+        captioner = await run_in_threadpool(Captioner, settings.model, device=settings.device,
                                             cpu_threads=settings.cpu_threads)
+        captioner.options(**settings.generation)  # bad service defaults fail at start
         await run_in_threadpool(captioner.caption, Image.new("RGB", (64, 64), (127, 127, 127)))
         state["captioner"] = captioner
         state["batcher"] = MicroBatcher(captioner, max_batch=settings.max_batch,
@@ -122,8 +134,8 @@ def create_app(settings: Settings) -> Starlette:
             return error(400, "bad_request", f"at most {settings.max_images} images per request", metrics)
         try:
             options = state["captioner"].options(
-                num_beams=_int(params, "beams"), max_new_tokens=_int(params, "max_new_tokens"))
-        except (OptionsError, ValueError) as exc:
+                **{**settings.generation, **generation_from_fields(params)})
+        except OptionsError as exc:
             return error(400, "bad_options", str(exc), metrics)
         images = []
         for name, data in uploads:
@@ -145,9 +157,7 @@ def create_app(settings: Settings) -> Starlette:
             return error(504, "timeout", f"no caption within {settings.timeout_s} s", metrics)
         metrics.requests.labels("200").inc()
         metrics.latency.observe(time.perf_counter() - started)
-        payload = [{"generated_text": r.text, "caption": r.text, "score": round(r.score, 4),
-                    "token_ids": r.token_ids, "source": r.source, "timings": r.timings}
-                   for r in results]
+        payload = [result.to_record() for result in results]
         return JSONResponse(payload[0] if len(payload) == 1 else {"results": payload})
 
     async def healthz(request: Request) -> Response:
@@ -164,7 +174,7 @@ def create_app(settings: Settings) -> Starlette:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(OPENAPI)
+        return JSONResponse(openapi_document())
 
     async def demo(request: Request) -> Response:
         return HTMLResponse(DEMO_PAGE.read_text())
@@ -177,16 +187,6 @@ def create_app(settings: Settings) -> Starlette:
     ], lifespan=lifespan)
 
 
-def _int(params: dict, key: str) -> int | None:
-    value = params.get(key)
-    if value in (None, ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{key} must be an integer, got {value!r}") from None
-
-
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
@@ -194,33 +194,35 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
                 timeout_graceful_shutdown=int(settings.timeout_s) + 5)
 
 
-OPENAPI = {
-    "openapi": "3.0.3",
-    "info": {"title": "edgecap", "version": "1", "description": "Image captioning service"},
-    "paths": {
-        "/v1/captions": {"post": {
-            "summary": "Caption one image (raw body) or several (multipart 'image' files)",
-            "parameters": [
-                {"name": "beams", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                {"name": "max_new_tokens", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-            ],
-            "requestBody": {"content": {
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {"schema": {"type": "object", "properties": {
-                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI description; the option fields come from ``edgecap.options``."""
+    image = {"type": "string", "format": "binary"}
+    form = {"type": "object", "properties": {
+        "image": {"type": "array", "items": image}, **openapi_form_properties()}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "edgecap", "version": "1", "description": "Image captioning service"},
+        "paths": {
+            "/v1/captions": {"post": {
+                "summary": "Caption one image (raw body) or several (multipart 'image' files)",
+                "parameters": openapi_parameters(),
+                "requestBody": {"content": {"image/*": {"schema": image},
+                                            "multipart/form-data": {"schema": form}}},
+                "responses": {
+                    "200": {"description": "one record (generated_text, score, token_ids, "
+                                           "latency_ms, source, status), or {results: [...]}"},
+                    "400": {"description": "bad request or options"},
+                    "413": {"description": "body too large"},
+                    "422": {"description": "image cannot be decoded (reason given)"},
+                    "503": {"description": "overloaded or loading; retry after Retry-After seconds"},
+                    "504": {"description": "timed out"},
+                },
             }},
-            "responses": {
-                "200": {"description": "caption(s): generated_text, score, token_ids, timings"},
-                "400": {"description": "bad request or options"},
-                "413": {"description": "body too large"},
-                "422": {"description": "image cannot be decoded (reason given)"},
-                "503": {"description": "overloaded or loading; retry after Retry-After seconds"},
-                "504": {"description": "timed out"},
-            },
-        }},
-        "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "live"}}}},
-        "/readyz": {"get": {"summary": "model loaded and warm",
-                            "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
-    },
-}
+            "/healthz": {"get": {"summary": "liveness",
+                                 "responses": {"200": {"description": "live"}}}},
+            "/readyz": {"get": {"summary": "model loaded and warm", "responses": {
+                "200": {"description": "ready"}, "503": {"description": "loading"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "text"}}}},
+        },
+    }

@@ -20,8 +20,7 @@ from typing import Iterator
 from PIL import Image
 
 from .errors import EdgecapError, ImageError
-from .batch import IMAGE_SUFFIXES
-from .preprocess import load_image
+from .preprocess import IMAGE_SUFFIXES, load_image
 
 log = logging.getLogger("edgecap.watch")
 
@@ -252,7 +251,6 @@ class FolderSource:
         self.stopped = False
         self.seen: set[str] = set() if existing else {p.name for p in self.folder.iterdir()}
         self.live = True
-        self.errors: list[tuple[str, str]] = []
 
     def frames(self) -> Iterator[Frame]:
         index, started = 0, time.monotonic()
@@ -269,7 +267,6 @@ class FolderSource:
                     image = load_image(path)
                 except ImageError as exc:
                     self.stats.corrupt += 1
-                    self.errors.append((path.name, exc.reason))
                     log.warning("%s", exc)
                     continue
                 yield Frame(image, time.monotonic() - started, index, path.name)

@@ -15,12 +15,14 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import OptionsError
+from .results import CaptionResult
 from .sources import Frame, FolderSource, VideoSource
 
 
@@ -35,14 +37,32 @@ class WatchOptions:
 
 @dataclass
 class CaptionRecord:
+    """A caption of one frame: the ``CaptionResult`` plus where it sits in the stream."""
+
+    result: CaptionResult
     stream_time: float  # seconds on the source's clock; never goes back across reconnects
     wall_time: str  # ISO 8601 UTC when the caption was ready
     frame_index: int
-    caption: str
     latency_ms: float  # frame received -> caption ready
     dropped: int  # frames dropped (stale) since the previous record
     reason: str  # "first", "scene" or "heartbeat"
-    source_name: str = ""
+
+    @property
+    def caption(self) -> str:
+        return self.result.text
+
+    @property
+    def source_name(self) -> str:
+        """The frame's file name for folder sources, else the source itself."""
+        return self.result.source
+
+    def to_record(self) -> dict[str, Any]:
+        """``CaptionResult.to_record()`` extended with the stream fields."""
+        record = self.result.to_record()
+        record.update(stream_time=self.stream_time, wall_time=self.wall_time,
+                      frame_index=self.frame_index, latency_ms=self.latency_ms,
+                      dropped=self.dropped, reason=self.reason)
+        return record
 
 
 class LatestFrame:
@@ -91,92 +111,125 @@ def signature(frame: Frame) -> np.ndarray:
 def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions = WatchOptions(),
           stop: threading.Event | None = None, **generation) -> Iterator[CaptionRecord]:
     """Caption ``source`` lazily: a generator of ``CaptionRecord`` that ends with the source or
-    when ``stop`` is set. Generation options (``num_beams``, ...) pass to the captioner."""
-    stop = stop or threading.Event()
-    realtime = source.live if options.realtime is None else options.realtime
-    is_folder = isinstance(source, FolderSource)
-    mailbox = LatestFrame(lossless=not realtime or is_folder)
-    generation_options = captioner.options(**generation)
-    reader_error: list[BaseException] = []
+    when ``stop`` is set. Generation options (``num_beams``, ...) pass to the captioner.
 
-    def read() -> None:
+    Raises:
+        OptionsError: ``max_fps`` <= 0 or bad generation options, at the call, before any
+            thread starts or the source is read.
+    """
+    if options.max_fps is not None and not options.max_fps > 0:
+        raise OptionsError(f"max_fps must be > 0 (got {options.max_fps})")
+    generation_options = captioner.options(**generation)
+    return _Watch(source, captioner, options, generation_options, stop or threading.Event()).run()
+
+
+class _Watch:
+    """One run of ``watch``: a reader thread fills the mailbox; ``run`` gates and captions."""
+
+    def __init__(self, source, captioner, options: WatchOptions, generation_options, stop):
+        self.source, self.captioner, self.options = source, captioner, options
+        self.generation_options, self.stop = generation_options, stop
+        self.realtime = source.live if options.realtime is None else options.realtime
+        self.is_folder = isinstance(source, FolderSource)
+        self.label = str(getattr(source, "source", getattr(source, "folder", "")))
+        self.mailbox = LatestFrame(lossless=not self.realtime or self.is_folder)
+        self.reader_error: list[BaseException] = []
+        self.min_gap_s = 1.0 / options.max_fps if options.max_fps else 0.0
+        # Else: a file read losslessly, capped on its own clock.
+        self.wait_for_cap = self.realtime or self.is_folder
+        self.last_signature: np.ndarray | None = None
+        self.last_text: str | None = None
+        self.last_caption_at = -1e9  # monotonic time of the last caption
+        self.last_caption_stream: float | None = None  # its stream time
+        self.dropped_reported = 0
+
+    def run(self) -> Iterator[CaptionRecord]:
+        reader = threading.Thread(target=self._read, name="edgecap-reader", daemon=True)
+        reader.start()
+        try:
+            while not self.stop.is_set():
+                self._wait_for_cap()
+                taken = self.mailbox.take()
+                if taken is None:
+                    if self.mailbox.closed and self.mailbox.frame is None:
+                        break
+                    continue
+                record = self._consider(*taken)
+                if record is not None:
+                    yield record
+        finally:
+            self.stop.set()
+            self.source.stop()
+            reader.join(timeout=5)
+        error = self.reader_error[0] if self.reader_error else None
+        if error is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise error
+
+    def _read(self) -> None:
         began = None
         try:
-            for frame in source.frames():
-                if stop.is_set():
+            for frame in self.source.frames():
+                if self.stop.is_set():
                     break
-                if realtime and not source.live:  # pace a file at its own clock
+                if self.realtime and not self.source.live:  # pace a file at its own clock
                     began = began if began is not None else time.monotonic() - frame.timestamp
                     delay = began + frame.timestamp - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                mailbox.put(frame, stop)
+                self.mailbox.put(frame, self.stop)
         except BaseException as exc:  # noqa: BLE001 - surfaced to the consumer
-            reader_error.append(exc)
+            self.reader_error.append(exc)
         finally:
-            mailbox.close()
+            self.mailbox.close()
 
-    reader = threading.Thread(target=read, name="edgecap-reader", daemon=True)
-    reader.start()
-    last_signature, last_text = None, None
-    last_caption_at, last_caption_stream = -1e9, None  # when the last caption was: wall, stream
-    dropped_reported = 0
-    if options.max_fps is not None and options.max_fps <= 0:
-        raise ValueError(f"max_fps must be > 0 (got {options.max_fps})")
-    min_gap_s = 1.0 / options.max_fps if options.max_fps else 0.0
-    wait_for_cap = realtime or is_folder  # else: a file read losslessly, capped on its own clock
-    try:
-        while not stop.is_set():
-            if min_gap_s and wait_for_cap:
-                # Wait out the cap before taking a frame, so the one taken is the newest: frames
-                # that arrive meanwhile replace each other in the mailbox (counted as dropped),
-                # and a folder's files simply wait their turn (none is lost). Short slices, so a
-                # stop, or a source that ended with nothing left to caption, is noticed at once.
-                while not stop.is_set() and not (mailbox.closed and mailbox.frame is None):
-                    remaining = last_caption_at + min_gap_s - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    stop.wait(min(remaining, 0.1))
-            taken = mailbox.take()
-            if taken is None:
-                if mailbox.closed and mailbox.frame is None:
-                    break
-                continue
-            frame, received, dropped_so_far = taken
-            if min_gap_s and not wait_for_cap and last_caption_stream is not None \
-                    and frame.timestamp - last_caption_stream < min_gap_s - 1e-6:
-                continue  # a file read losslessly: the cap is on the stream's own clock
-            current = signature(frame)
-            if last_signature is None:
-                reason = "first"
-            elif is_folder or float(np.abs(current - last_signature).mean()) > options.scene_threshold:
-                reason = "scene"
-            elif options.heartbeat_s and frame.timestamp - last_caption_stream >= options.heartbeat_s:
-                reason = "heartbeat"
-            else:
-                continue
-            result = captioner.caption_loaded([frame.image], generation_options,
-                                              [frame.name or str(frame.index)])[0]
-            last_caption_at = time.monotonic()
-            last_signature, last_caption_stream = current, frame.timestamp
-            if options.changes_only and result.text == last_text:
-                continue
-            last_text = result.text
-            # Frames dropped between the previous captioned frame and this one.
-            dropped = dropped_so_far - dropped_reported
-            dropped_reported = dropped_so_far
-            yield CaptionRecord(
-                stream_time=round(frame.timestamp, 4),
-                wall_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-                frame_index=frame.index, caption=result.text,
-                latency_ms=round((last_caption_at - received) * 1e3, 2), dropped=dropped,
-                reason=reason, source_name=frame.name)
-    finally:
-        stop.set()
-        source.stop()
-        reader.join(timeout=5)
-    if reader_error and not isinstance(reader_error[0], (KeyboardInterrupt, SystemExit)):
-        raise reader_error[0]
+    def _wait_for_cap(self) -> None:
+        """Wait out the --fps cap before taking a frame, so the one taken is the newest: frames
+        that arrive meanwhile replace each other in the mailbox (counted as dropped), and a
+        folder's files simply wait their turn (none is lost). Short slices, so a stop, or a
+        source that ended with nothing left to caption, is noticed at once."""
+        if not (self.min_gap_s and self.wait_for_cap):
+            return
+        mailbox = self.mailbox
+        while not self.stop.is_set() and not (mailbox.closed and mailbox.frame is None):
+            remaining = self.last_caption_at + self.min_gap_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self.stop.wait(min(remaining, 0.1))
+
+    def _reason(self, frame: Frame, current: np.ndarray) -> str | None:
+        """Why this frame is captioned ("first", "scene", "heartbeat"), or None to skip it."""
+        if self.min_gap_s and not self.wait_for_cap and self.last_caption_stream is not None \
+                and frame.timestamp - self.last_caption_stream < self.min_gap_s - 1e-6:
+            return None  # a file read losslessly: the cap is on the stream's own clock
+        if self.last_signature is None:
+            return "first"
+        change = float(np.abs(current - self.last_signature).mean())
+        if self.is_folder or change > self.options.scene_threshold:
+            return "scene"
+        heartbeat = self.options.heartbeat_s
+        if heartbeat and frame.timestamp - self.last_caption_stream >= heartbeat:
+            return "heartbeat"
+        return None
+
+    def _consider(self, frame: Frame, received: float, dropped_so_far: int) -> CaptionRecord | None:
+        current = signature(frame)
+        reason = self._reason(frame, current)
+        if reason is None:
+            return None
+        name = frame.name if self.is_folder else self.label
+        result = self.captioner.caption_loaded([frame.image], self.generation_options, [name])[0]
+        self.last_caption_at = time.monotonic()
+        self.last_signature, self.last_caption_stream = current, frame.timestamp
+        if self.options.changes_only and result.text == self.last_text:
+            return None
+        self.last_text = result.text
+        # Frames dropped between the previous captioned frame and this one.
+        dropped, self.dropped_reported = dropped_so_far - self.dropped_reported, dropped_so_far
+        return CaptionRecord(
+            result, stream_time=round(frame.timestamp, 4),
+            wall_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            frame_index=frame.index, latency_ms=round((self.last_caption_at - received) * 1e3, 2),
+            dropped=dropped, reason=reason)
 
 
 # ---------------------------------------------------------------- outputs
@@ -262,7 +315,7 @@ class JsonlWriter:
         self.handle = open(path, "a", encoding="utf-8") if path else None
 
     def add(self, record: CaptionRecord) -> None:
-        line = json.dumps(asdict(record), ensure_ascii=False)
+        line = json.dumps(record.to_record(), ensure_ascii=False)
         if self.handle:
             self.handle.write(line + "\n")
             self.handle.flush()

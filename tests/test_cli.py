@@ -17,7 +17,7 @@ def test_caption_plain_and_json_match_api(tiny_export, flickr_images, capsys):
     assert lines == [f"{img}\t{r.text}" for img, r in zip(flickr_images, api)]
     assert main(["caption", str(flickr_images[0]), "--model", str(tiny_export), "--json", "--beams", "2"]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["caption"] == api[0].text and record["token_ids"] == api[0].token_ids
+    assert record["generated_text"] == api[0].text and record["token_ids"] == api[0].token_ids
 
 
 def test_help_lists_commands(capsys):

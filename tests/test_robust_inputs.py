@@ -125,7 +125,7 @@ def test_corpus_every_input_gets_one_clear_line(tiny_export, flickr_images, tmp_
         if record["status"] == "error":
             assert record["error"] and "Traceback" not in record["error"]
         else:
-            assert record["caption"]
+            assert record["generated_text"]
     reasons = {Path(r["source"]).name: r.get("error", "") for r in records}
     assert "too large" in reasons["huge-declared.png"]
     assert "directory" in reasons["folder.jpg"]

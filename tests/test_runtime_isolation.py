@@ -62,4 +62,4 @@ print(json.dumps({{'greedy': greedy.token_ids, 'beam': beam.token_ids, 'code': c
     assert report["code"] == 0
     assert report["loaded"] == []
     assert report["greedy"] and report["beam"]
-    assert cli_line["status"] == "ok" and cli_line["caption"]
+    assert cli_line["status"] == "ok" and cli_line["generated_text"]

@@ -228,7 +228,7 @@ def test_folder_source_captions_each_new_file_once(tiny_export, tmp_path, flickr
         records.append(record)
     feeder.join()
     assert [r.source_name for r in records] == ["0.jpg", "1.jpg", "2.jpg"]
-    assert source.stats.corrupt == 1 and source.errors[0][0] == "broken.jpg"
+    assert source.stats.corrupt == 1  # broken.jpg: skipped and counted, never captioned
 
 
 def test_sigint_flushes_valid_subtitles(tiny_export, tmp_path, flickr_test_images):
@@ -345,7 +345,7 @@ def check_captions_resume_after_server_restart(url: str, server_command: list[st
     assert len(records) >= before + 3
     indices = [record["frame_index"] for record in records]
     assert indices == sorted(set(indices))  # one reader counted frames across the reconnect
-    assert all(isinstance(record["caption"], str) for record in records)
+    assert all(isinstance(record["generated_text"], str) for record in records)
     times = [record["stream_time"] for record in records]
     assert all(a < b for a, b in zip(times, times[1:])), f"stream_time went backwards: {times}"
     # Records up to `before` came from the first connection, the rest from the second. The
@@ -389,10 +389,11 @@ def test_rtsp_stream_reconnects_after_server_restart(tiny_export, scene_video, t
 
 
 def test_subtitles_stay_valid_and_end_with_the_newest_caption(tmp_path):
+    from edgecap import CaptionResult
     from edgecap.watch import CaptionRecord
 
     def record(t: float, text: str) -> CaptionRecord:
-        return CaptionRecord(t, "", 0, text, 1.0, 0, "scene")
+        return CaptionRecord(CaptionResult(text, [], 0.0), t, "", 0, 1.0, 0, "scene")
 
     texts = ["a dog runs", "", "two lines\n\nof text", "a café"]
     srt_path, vtt_path = tmp_path / "live.srt", tmp_path / "live.vtt"

@@ -1,0 +1,195 @@
+"""Every captioning option, declared once: name, type, bounds and help.
+
+The CLI flags of every command that captions, the HTTP query/form fields and the OpenAPI
+schema are all generated from ``GENERATION`` and ``RUNTIME`` below, so adding an option is a
+change in this file (plus the field on ``GenerationOptions`` when it is a generation option).
+Names follow transformers' ``GenerationConfig``; see docs/options.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import OptionsError
+
+
+def parse_early_stopping(text: str | bool) -> bool | str:
+    """transformers' ``early_stopping``: True, False or "never"."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    if value == "never":
+        return "never"
+    raise ValueError(f"expected true, false or never, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: how it is named, parsed, bounded and explained, everywhere."""
+
+    name: str  # Python keyword, HTTP field and OpenAPI name (transformers' name where one exists)
+    parse: Callable[[Any], Any]  # text (CLI, HTTP) -> value; raises ValueError
+    help: str
+    schema: dict[str, Any]  # OpenAPI type and bounds; the bounds are also enforced by check()
+    flags: tuple[str, ...] = ()  # CLI spellings; default: --name-with-dashes
+    choices: tuple[str, ...] | None = None
+    default: Any = None  # None: the model's manifest decides (generation) or the command does
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return self.flags or ("--" + self.name.replace("_", "-"),)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """HTTP field names accepted besides ``name`` (the CLI spellings, without dashes)."""
+        return tuple(f.lstrip("-").replace("-", "_") for f in self.cli_flags
+                     if f.lstrip("-").replace("-", "_") != self.name)
+
+    def check(self, value: Any) -> Any:
+        """``value`` parsed and within bounds, or OptionsError naming the option."""
+        try:
+            value = self.parse(value)
+        except (TypeError, ValueError) as exc:
+            raise OptionsError(f"{self.name}: {exc}") from None
+        low, high = self.schema.get("minimum"), self.schema.get("maximum")
+        if low is not None and value < low:
+            raise OptionsError(f"{self.name} must be >= {low} (got {value})")
+        if high is not None and value > high:
+            raise OptionsError(f"{self.name} must be <= {high} (got {value})")
+        if self.schema.get("exclusiveMinimum") is not None and value <= self.schema["exclusiveMinimum"]:
+            raise OptionsError(f"{self.name} must be > {self.schema['exclusiveMinimum']} (got {value})")
+        if self.choices and value not in self.choices:
+            raise OptionsError(f"{self.name} must be one of {', '.join(self.choices)} (got {value})")
+        return value
+
+
+def _integer(text: Any) -> int:
+    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+        raise ValueError(f"expected an integer, got {text!r}")
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: Any) -> float:
+    if isinstance(text, bool):
+        raise ValueError(f"expected a number, got {text!r}")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+GENERATION: tuple[Option, ...] = (
+    Option("num_beams", _integer, "beam width; 1 is greedy search",
+           {"type": "integer", "minimum": 1}, flags=("--beams", "--num-beams")),
+    Option("max_new_tokens", _integer, "longest caption, in tokens",
+           {"type": "integer", "minimum": 1}),
+    Option("min_new_tokens", _integer, "shortest caption, in tokens (the end token is held back "
+           "until then)", {"type": "integer", "minimum": 0}),
+    Option("length_penalty", _number, "beam search: exponent on the caption length when scores "
+           "are compared (above 1 favours longer captions)", {"type": "number"}),
+    Option("early_stopping", parse_early_stopping, "beam search: stop as soon as enough "
+           "captions are finished (true), use a heuristic (false) or run to the length cap (never)",
+           {"type": "string", "enum": ["true", "false", "never"]}),
+    Option("no_repeat_ngram_size", _integer, "never repeat an n-gram of this many tokens "
+           "(0: off)", {"type": "integer", "minimum": 0}),
+    Option("repetition_penalty", _number, "divide the scores of tokens already in the caption by "
+           "this (1: off, above 1 discourages repeats)", {"type": "number", "exclusiveMinimum": 0}),
+)
+
+DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+RUNTIME: tuple[Option, ...] = (
+    Option("device", str, "where the graphs run", {"type": "string", "enum": list(DEVICES)},
+           choices=DEVICES, default="cpu"),
+    Option("threads", _integer, "CPU threads for the model (default: the cores this process may use)",
+           {"type": "integer", "minimum": 1}),
+    Option("batch_size", _integer, "images captioned together; a caption does not depend on the "
+           "rest of its batch", {"type": "integer", "minimum": 1}, default=8),
+)
+
+GENERATION_NAMES = tuple(option.name for option in GENERATION)
+
+
+def _argparse_type(option: Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return option.check(text)
+        except OptionsError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option.name}: ")) from None
+    convert.__name__ = option.schema.get("type", "value")  # argparse names it in its errors
+    return convert
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every generation flag; unset flags stay None so the model's own defaults apply."""
+    group = parser.add_argument_group("generation (default: the model's own settings)")
+    for option in GENERATION:
+        group.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
+                           default=None, help=option.help,
+                           metavar=option.schema.get("type", "VALUE").upper())
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | None = None) -> None:
+    """--device and --threads, plus --batch-size when the command batches images."""
+    group = parser.add_argument_group("runtime")
+    for option in RUNTIME:
+        if option.name == "batch_size" and batch_size is None:
+            continue
+        default = batch_size if option.name == "batch_size" else option.default
+        extra = f" (default {default})" if default is not None else ""
+        group.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
+                           default=default, choices=option.choices, help=option.help + extra)
+
+
+def generation_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation flags the user set (None-valued ones left to the model)."""
+    return {name: getattr(args, name) for name in GENERATION_NAMES
+            if getattr(args, name, None) is not None}
+
+
+def generation_from_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Generation options from HTTP query/form fields (names or their CLI aliases).
+
+    Raises:
+        OptionsError: a value that does not parse or is out of bounds (names the field).
+    """
+    values: dict[str, Any] = {}
+    for option in GENERATION:
+        for key in (option.name, *option.aliases):
+            raw = fields.get(key)
+            if raw not in (None, ""):
+                values[option.name] = option.check(raw)
+                break
+    return values
+
+
+def check_generation(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Python keyword options checked against the same bounds as the CLI and HTTP."""
+    unknown = set(values) - set(GENERATION_NAMES)
+    if unknown:
+        raise OptionsError(f"unknown generation options: {sorted(unknown)}; "
+                           f"known: {', '.join(GENERATION_NAMES)}")
+    by_name = {option.name: option for option in GENERATION}
+    return {name: by_name[name].check(value) for name, value in values.items() if value is not None}
+
+
+def openapi_parameters(options: Iterable[Option] = GENERATION) -> list[dict[str, Any]]:
+    """OpenAPI query parameters for ``options``."""
+    return [{"name": o.name, "in": "query", "required": False, "description": o.help,
+             "schema": dict(o.schema)} for o in options]
+
+
+def openapi_form_properties(options: Iterable[Option] = GENERATION) -> dict[str, Any]:
+    """The same options as multipart form fields."""
+    return {o.name: {**o.schema, "description": o.help} for o in options}
