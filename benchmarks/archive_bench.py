@@ -23,8 +23,9 @@ SUBJECTS = ["man", "woman", "person", "boy", "girl", "child", "dog", "cat", "gro
             "couple", "delivery driver", "cyclist", "car", "truck", "van", "bus", "bird",
             "man in a hat", "woman with an umbrella", "two dogs", "police officer", "jogger"]
 COLORS = ["red", "blue", "white", "black", "green", "yellow", "brown", "gray", "orange"]
-VERBS = ["standing", "walking", "running", "sitting", "parked", "waiting", "looking", "riding a bike",
-         "carrying a box", "holding a bag", "talking on a phone", "playing", "driving", "crossing"]
+VERBS = ["standing", "walking", "running", "sitting", "parked", "waiting", "looking",
+         "riding a bike", "carrying a box", "holding a bag", "talking on a phone", "playing",
+         "driving", "crossing"]
 PLACES = ["at the door", "on the porch", "in the driveway", "on the street", "near the gate",
           "on the sidewalk", "in the yard", "in the garage", "by the window", "on the grass",
           "in front of a house", "next to a fence", "in the snow", "in the rain", "at night"]

@@ -68,9 +68,9 @@ def test_query_syntax_words_phrase_or_not_prefix_stemming(archive_path):
 
 def test_ranking_bm25_then_newest_first(tmp_path):
     with Archive.open(tmp_path / "a.db") as archive:
-        old, new = archive.add_many([record("a dog on the porch", 50), record("a dog on the porch", 5)])
+        old, new = archive.add_many([record("a dog on the porch", ago) for ago in (50, 5)])
         short = archive.add(record("a dog", 40))
-        long = archive.add(record("a person with a bag and a hat waiting near the gate with a dog", 1))
+        long = archive.add(record("a person with a bag and a hat waiting by a gate with a dog", 1))
         hits = archive.search("dog")
     assert [h.id for h in hits] == [short, new, old, long]  # short text first; ties: newest first
     assert hits[0].rank < hits[1].rank == hits[2].rank < hits[3].rank
@@ -101,7 +101,8 @@ def test_time_window_finds_rows_that_arrived_late(tmp_path):
         archive.add_many([record(f"a bus number {i}", 40 - i) for i in range(20)])
         window = dict(since=NOW - dt.timedelta(minutes=510), until=NOW - dt.timedelta(minutes=490))
         assert [h.id for h in archive.search("truck", **window)] == [late]
-        assert [h.id for h in archive.search("truck", until=NOW - dt.timedelta(minutes=400))] == [late]
+        before = NOW - dt.timedelta(minutes=400)
+        assert [h.id for h in archive.search("truck", until=before)] == [late]
         assert len(archive.search("car", until=NOW - dt.timedelta(minutes=80))) == 20
         assert len(archive.search("bus OR car", since=NOW - dt.timedelta(minutes=30))) == 10
 
@@ -166,9 +167,10 @@ def test_cli_search_text_events_frames_and_json(archive_path, capsys):
     assert len(lines) == 2 and all(line.split("\t")[1] == "front" for line in lines)
     assert {line.split("\t")[2] for line in lines} == {"a man standing at the door",
                                                        "a woman carrying a red bag at the door"}
-    assert main(["search", "a", "--db", str(archive_path), "--json", "--frames", "--limit", "4"]) == 0
+    assert main(["search", "a", "--db", str(archive_path), "--json", "--frames", "--limit=4"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(rows) == 4 and {"id", "camera", "wall_time", "caption", "snapshot", "rank"} <= set(rows[0])
+    assert len(rows) == 4
+    assert {"id", "camera", "wall_time", "caption", "snapshot", "rank"} <= set(rows[0])
     assert main(["search", '"red car" OR cats', "--db", str(archive_path), "--json"]) == 0
     merged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {e["caption"] for e in merged} == {"a red car parked in the driveway",
