@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from edgecap import Captioner
+from edgecap.decoding import greedy_search
+from edgecap.manifest import PIXEL_VALUES, GenerationOptions
 from edgecap.preprocess import load_image, to_pixels
+from edgecap.step import DecoderState, GraphRunner
 
 MAX_DECODER_FEEDS = 128  # bounds memory: each feed carries every layer's cross K/V
 
@@ -31,22 +34,39 @@ class ListReader:
         self.position = 0
 
 
+class RecordingRunner:
+    """A ``GraphRunner`` for the runtime's own search that keeps every decoder step's feeds, so
+    calibration sees exactly the inputs captioning produces (and the loop exists once)."""
+
+    def __init__(self, runner: GraphRunner):
+        self.runner = runner
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def start(self, cross: list[np.ndarray], repeats: int = 1) -> DecoderState:
+        return self.runner.start(cross, repeats)
+
+    def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
+        # The step replaces state.past with new arrays, so the recorded ones stay as fed.
+        self.feeds.append(self.runner.decoder_feeds(state, tokens))
+        return self.runner.step(state, tokens)
+
+    def select(self, state: DecoderState, rows: np.ndarray, cross_too: bool = True) -> None:
+        self.runner.select(state, rows, cross_too)
+
+
 def calibration_readers(fp32_dir: Path, images: list[Path]) -> tuple[ListReader, ListReader]:
+    """Readers over the encoder feeds (one per image) and the decoder feeds of plain greedy
+    captioning, image by image, at most MAX_DECODER_FEEDS steps in all."""
     captioner = Captioner(fp32_dir)
     runner, manifest = captioner.runner, captioner.manifest
-    encoder_feeds, decoder_feeds = [], []
     steps_per_image = max(1, MAX_DECODER_FEEDS // max(1, len(images)))
+    # Argmax without penalties: scales should follow the model's own steps, not a decoding style.
+    steps = min(steps_per_image, manifest.generation.max_new_tokens)
+    options = GenerationOptions(max_new_tokens=steps)
+    encoder_feeds, recorder = [], RecordingRunner(runner)
     for path in images:
         pixels = to_pixels(load_image(path), manifest.preprocessing)[None]
-        encoder_feeds.append({"pixel_values": pixels})
-        state = runner.start(runner.encode(pixels))
-        token = np.array([manifest.decoder_start_token_id], dtype=np.int64)
-        for _ in range(min(steps_per_image, manifest.generation.max_new_tokens)):
-            feeds = {"input_ids": token.reshape(1, 1)}
-            feeds.update(zip(runner.past_names, state.past))
-            feeds.update(zip(runner.cross_names, state.cross))
-            decoder_feeds.append(feeds)
-            token = runner.step(state, token).argmax(axis=-1)
-            if token[0] == manifest.eos_token_id:
-                break
-    return ListReader(encoder_feeds), ListReader(decoder_feeds)
+        encoder_feeds.append({PIXEL_VALUES: pixels})
+        greedy_search(recorder, runner.encode(pixels), options, manifest.decoder_start_token_id,
+                      manifest.eos_token_id)
+    return ListReader(encoder_feeds), ListReader(recorder.feeds)

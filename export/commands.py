@@ -15,11 +15,14 @@ from pathlib import Path
 def register(commands) -> None:
     export = commands.add_parser(
         "export", help="export a model to edgecap's ONNX graphs (needs [export] extra)",
-        description="Export a Hugging Face VisionEncoderDecoderModel directory (ViT/DeiT encoder, "
-        "GPT-2 decoder with cross-attention) into OUT: encoder.onnx, decoder.onnx, tokenizer.json, "
-        "manifest.json. The graphs are checked against PyTorch before anything is written.",
+        description="Export a Hugging Face VisionEncoderDecoderModel (ViT/DeiT encoder, GPT-2 "
+        "decoder with cross-attention), from a folder or by model id, into OUT: encoder.onnx, "
+        "decoder.onnx, tokenizer.json, manifest.json. The graphs are checked against PyTorch "
+        "before anything is written. With HF_HUB_OFFLINE=1 a model id is read from the local "
+        "Hugging Face cache only.",
     )
-    export.add_argument("src", type=Path, help="save_pretrained() directory of the model")
+    export.add_argument("src", help="save_pretrained() folder of the model, or a Hugging Face "
+                        "model id (org/name; a folder of that name wins)")
     export.add_argument("out", type=Path, help="output directory (created)")
     add_quantize_arguments(export)
     export.set_defaults(handler=run_export)

@@ -18,7 +18,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graphs import check_supported_decoder, input_output_names
+from edgecap.manifest import INPUT_IDS, LOGITS, cross_names, past_names, present_names
+
+from .graphs import check_supported_decoder
 
 MS_DOMAIN = "com.microsoft"
 # Bumped when the fused graph changes in a way worth re-exporting for (recorded in the manifest's
@@ -71,7 +73,7 @@ def build_fused_step(lm_model) -> onnx.ModelProto:
     layers, heads, width = config.n_layer, config.n_head, config.n_embd
     head_dim = width // heads
     eps = float(config.layer_norm_epsilon)
-    _, input_names, output_names = input_output_names(layers)
+    past, cross_kv, present = past_names(layers), cross_names(layers), present_names(layers)
     b = _Builder()
 
     # The head is a MatMul on "output_embedding" [width, vocab]. A tied embedding is that same
@@ -81,18 +83,18 @@ def build_fused_step(lm_model) -> onnx.ModelProto:
     tied = wte.data_ptr() == head.data_ptr()
     embedding = b.const("output_embedding", head.detach().float().numpy().T)
     if tied:
-        columns = b.node("Gather", [embedding, "input_ids"], 1, "embed/gather", axis=1)[0]
+        columns = b.node("Gather", [embedding, INPUT_IDS], 1, "embed/gather", axis=1)[0]
         tokens = b.node("Transpose", [columns], 1, "embed/transpose", perm=[1, 2, 0])[0]
     else:
         table = b.param("wte", wte)
-        tokens = b.node("Gather", [table, "input_ids"], 1, "embed/gather", axis=0)[0]
+        tokens = b.node("Gather", [table, INPUT_IDS], 1, "embed/gather", axis=0)[0]
     # The new token's position is the cache length, read from the first cache's shape.
-    position = b.node("Shape", ["past_key_0"], 1, "embed/past_len", start=2, end=3)[0]
+    position = b.node("Shape", [past[0]], 1, "embed/past_len", start=2, end=3)[0]
     positions = b.node("Gather", [b.param("wpe", tf.wpe.weight), position], 1, "embed/wpe", axis=0)[0]
     hidden = b.node("Add", [tokens, positions], 1, "embed/add")[0]  # [rows, 1, width]
 
     # Cross-attention groups an image's beams as that image's query rows: [images, beams, width].
-    images = b.node("Shape", ["cross_key_0"], 1, "cross/images", start=0, end=1)[0]
+    images = b.node("Shape", [cross_kv[0]], 1, "cross/images", start=0, end=1)[0]
     grouped_shape = b.node("Concat", [images, b.const("cross/rest", np.array([-1, width], np.int64))],
                            1, "cross/grouped_shape", axis=0)[0]
     row_shape = b.const("cross/row_shape", np.array([-1, 1, width], np.int64))
@@ -135,8 +137,8 @@ def build_fused_step(lm_model) -> onnx.ModelProto:
         attended = b.node(
             "MultiHeadAttention",
             [q, k, v, b.param(f"{p}.attn.c_attn.bias", block.attn.c_attn.bias), "", "",
-             f"past_key_{i}", f"past_value_{i}"],
-            [f"{p}.attn/out", f"present_key_{i}", f"present_value_{i}"],
+             past[2 * i], past[2 * i + 1]],
+            [f"{p}.attn/out", present[2 * i], present[2 * i + 1]],
             f"{p}.attn/mha", domain=MS_DOMAIN, num_heads=heads, scale=scale_for(i))[0]
         update = linear(attended, block.attn.c_proj, f"{p}.attn.c_proj")
         x = skip_norm(update, block.ln_cross_attn, b.param(f"{p}.attn.c_proj.bias", block.attn.c_proj.bias),
@@ -146,7 +148,7 @@ def build_fused_step(lm_model) -> onnx.ModelProto:
         cross = block.crossattention
         query = linear(x, cross.q_attn, f"{p}.crossattention.q_attn", with_bias=True)
         query = b.node("Reshape", [query, grouped_shape], 1, f"{p}.crossattention/group")[0]
-        attended = b.node("MultiHeadAttention", [query, f"cross_key_{i}", f"cross_value_{i}"], 1,
+        attended = b.node("MultiHeadAttention", [query, cross_kv[2 * i], cross_kv[2 * i + 1]], 1,
                           f"{p}.crossattention/mha", domain=MS_DOMAIN, num_heads=heads,
                           scale=scale_for(i))[0]
         attended = b.node("Reshape", [attended, row_shape], 1, f"{p}.crossattention/ungroup")[0]
@@ -173,20 +175,17 @@ def build_fused_step(lm_model) -> onnx.ModelProto:
     # a Reshape of the logits would copy rows x vocabulary floats every step.
     rows = b.node("Reshape", [x, b.const("lm_head/rows", np.array([-1, width], np.int64))], 1,
                   "lm_head/rows")[0]
-    b.node("MatMul", [rows, embedding], ["logits"], "lm_head/MatMul")
+    b.node("MatMul", [rows, embedding], [LOGITS], "lm_head/MatMul")
 
     def tensor(name: str, dims) -> onnx.ValueInfoProto:
-        elem = TensorProto.INT64 if name == "input_ids" else TensorProto.FLOAT
+        elem = TensorProto.INT64 if name == INPUT_IDS else TensorProto.FLOAT
         return helper.make_tensor_value_info(name, elem, dims)
 
-    inputs = [tensor("input_ids", ["rows", 1])]
-    for name in input_names[1:]:
-        if name.startswith("past"):
-            inputs.append(tensor(name, ["rows", heads, "past_len", head_dim]))
-        else:
-            inputs.append(tensor(name, ["images", heads, "encoder_len", head_dim]))
-    outputs = [tensor("logits", ["rows", config.vocab_size])]
-    outputs += [tensor(name, ["rows", heads, "total_len", head_dim]) for name in output_names[1:]]
+    inputs = [tensor(INPUT_IDS, ["rows", 1])]
+    inputs += [tensor(name, ["rows", heads, "past_len", head_dim]) for name in past]
+    inputs += [tensor(name, ["images", heads, "encoder_len", head_dim]) for name in cross_kv]
+    outputs = [tensor(LOGITS, ["rows", config.vocab_size])]
+    outputs += [tensor(name, ["rows", heads, "total_len", head_dim]) for name in present]
     graph = helper.make_graph(b.nodes, "edgecap_decoder_step_fused", inputs, outputs, b.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                      helper.make_opsetid(MS_DOMAIN, 1)])

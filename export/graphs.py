@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgecap.manifest import cross_names, decoder_input_names, decoder_output_names
+
 
 def conv1d_linear(x: torch.Tensor, conv1d: nn.Module) -> torch.Tensor:
     """GPT-2's ``Conv1D`` (weight stored [in, out]) as MatMul + Add: the pattern int8 quantizers and
@@ -170,8 +172,7 @@ class DecoderStepGraph(nn.Module):
 
 
 def input_output_names(num_layers: int) -> tuple[list[str], list[str], list[str]]:
-    """(encoder outputs, decoder inputs, decoder outputs) names, in graph order."""
-    cross = [f"cross_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-    past = [f"past_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-    present = [f"present_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-    return cross, ["input_ids", *past, *cross], ["logits", *present]
+    """(encoder outputs, decoder inputs, decoder outputs) names, in graph order: the runtime's
+    contract from ``edgecap.manifest``, so both sides spell every tensor the same way."""
+    return (cross_names(num_layers), decoder_input_names(num_layers),
+            decoder_output_names(num_layers))

@@ -1,8 +1,8 @@
 """Export a vision encoder + GPT-2 captioner to edgecap's two ONNX graphs, checked against PyTorch.
 
 Two entry points share one core:
-* ``export_pretrained(src_dir, out_dir)``: a Hugging Face ``VisionEncoderDecoderModel`` directory
-  (as written by ``save_pretrained``, with image-processor and tokenizer files);
+* ``export_pretrained(src, out_dir)``: a Hugging Face ``VisionEncoderDecoderModel``, from a
+  ``save_pretrained`` folder (with image-processor and tokenizer files) or by model id;
 * ``export_captioner(encode, lm_model, out_dir, ...)``: any torch module returning encoder states
   [B, S, decoder_width] plus a ``GPT2LMHeadModel`` with cross-attention (the default model's path).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -26,7 +27,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from edgecap.manifest import GenerationOptions, Manifest, Preprocessing
+from edgecap.manifest import (
+    INPUT_IDS, LOGITS, PIXEL_VALUES, GenerationOptions, Manifest, Preprocessing, past_names,
+)
+from edgecap.preprocess import RESAMPLE
 
 from .fused_step import FUSED_GRAPH_REVISION, UnsupportedForFusion, build_fused_step, check_fusable
 from .graphs import DecoderStepGraph, EncoderGraph, HFVisionEncoder, input_output_names
@@ -42,20 +46,24 @@ class ExportError(RuntimeError):
     """The export could not be produced, or its graphs disagree with PyTorch."""
 
 
-def export_pretrained(src_dir: str | Path, out_dir: str | Path, *, check_steps: int = 4,
+def export_pretrained(src: str | Path, out_dir: str | Path, *, check_steps: int = 4,
                       fused: bool = True) -> Manifest:
-    """Export a local Hugging Face VisionEncoderDecoderModel directory into ``out_dir``."""
-    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+    """Export a Hugging Face VisionEncoderDecoderModel into ``out_dir``.
 
-    src = Path(src_dir)
-    if not (src / "config.json").is_file():
-        raise ExportError(f"{src}: no config.json; expected a save_pretrained() model directory")
-    try:
-        model = VisionEncoderDecoderModel.from_pretrained(src, attn_implementation="eager")
-        processor = AutoImageProcessor.from_pretrained(src)
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{src}: cannot load model, image processor or tokenizer: {exc}") from exc
+    Args:
+        src: a ``save_pretrained()`` folder (with image-processor and tokenizer files), or a
+            Hugging Face model id (``name`` or ``org/name``) that ``from_pretrained`` resolves:
+            from the local cache, or from the Hub when online. An existing folder wins.
+        out_dir: output folder (created).
+        check_steps: decoder steps compared with PyTorch before anything is written.
+        fused: see ``export_captioner``.
+    Returns:
+        The manifest written into ``out_dir``. Its provenance names the model id, or the
+        folder's name only: manifests travel with models, private paths should not.
+    Raises:
+        ExportError: ``src`` cannot be loaded, the model is unsupported, or parity fails.
+    """
+    model, processor, tokenizer, provenance = _load_pretrained(src)
     if model.decoder.config.model_type != "gpt2":
         raise ExportError(f"decoder is {model.decoder.config.model_type!r}; only gpt2 is supported")
     if not getattr(tokenizer, "is_fast", False):
@@ -79,34 +87,96 @@ def export_pretrained(src_dir: str | Path, out_dir: str | Path, *, check_steps: 
             generation=model.generation_config,
             decoder_start_token_id=model.config.decoder_start_token_id,
             reference=reference,
-            provenance={"source": str(src.resolve()), "source_kind": "hf-vision-encoder-decoder"},
+            provenance=provenance,
             check_steps=check_steps,
             fused=fused,
         )
 
 
+def _load_pretrained(src: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(model, image processor, tokenizer, provenance) from a folder or a model id."""
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+    folder = Path(src)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ExportError(f"{src}: no config.json; expected a save_pretrained() model folder")
+        by_id, location = False, str(folder)
+        provenance = {"source": folder.resolve().name, "source_type": "folder-name"}
+    else:
+        by_id, location = True, _model_id(str(src))
+        provenance = {"source": location, "source_type": "model-id"}
+    provenance["source_kind"] = "hf-vision-encoder-decoder"
+    # Offline as set now, not only at import (when transformers read it): cache files only.
+    offline = _hub_offline()
+    try:
+        model = VisionEncoderDecoderModel.from_pretrained(
+            location, attn_implementation="eager", local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if not by_id:
+            raise ExportError(f"{src}: cannot load the model: {_first_line(exc)}") from exc
+        where = "in the local Hugging Face cache (offline: HF_HUB_OFFLINE is set)" if offline \
+            else "locally or on the Hugging Face Hub"
+        raise ExportError(f"{src}: no such folder, and no model with this id {where}: "
+                          f"{_first_line(exc)}") from exc
+    try:
+        processor = AutoImageProcessor.from_pretrained(location, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{src}: cannot load the image processor or tokenizer: "
+                          f"{_first_line(exc)}") from exc
+    revision = getattr(model.config, "_commit_hash", None)
+    if by_id and revision:
+        provenance["revision"] = revision  # the Hub snapshot actually exported
+    return model, processor, tokenizer, provenance
+
+
+def _model_id(src: str) -> str:
+    """``src`` if it is spelled like a Hub model id; otherwise it was meant as a folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(src).exists():
+        raise ExportError(f"{src}: not a folder; expected a save_pretrained() folder or a model id")
+    try:
+        validate_repo_id(src)
+    except HFValidationError:
+        message = f"{src}: no such folder (nor a Hugging Face model id: name or org/name)"
+        raise ExportError(message) from None
+    return src
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (the libraries read them at import)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    on = ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or any(flag.upper() in on for flag in flags)
+
+
+def _first_line(exc: BaseException) -> str:
+    """Library errors span several lines; the CLI prints one, and the first says what failed."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def preprocessing_from_processor(processor: Any) -> Preprocessing:
     """Read resize / rescale / normalize from a Hugging Face image processor."""
-    from PIL import Image
-
     size = processor.size
     if not (isinstance(size, dict) and "height" in size and "width" in size):
         raise ExportError(f"image processor size {size!r} unsupported (need height and width)")
     if getattr(processor, "do_center_crop", False):
         raise ExportError("image processors that center-crop are not supported yet")
-    names = {
-        Image.Resampling.NEAREST: "nearest",
-        Image.Resampling.BILINEAR: "bilinear",
-        Image.Resampling.BICUBIC: "bicubic",
-        Image.Resampling.LANCZOS: "lanczos",
-        Image.Resampling.BOX: "box",
-        Image.Resampling.HAMMING: "hamming",
-    }
+    # The runtime's own name -> PIL filter table, read backwards: one list of supported filters.
+    names = {int(resample): name for name, resample in RESAMPLE.items()}
+    if int(processor.resample) not in names:
+        raise ExportError(f"image processor resample {processor.resample!r}: not a PIL filter "
+                          f"edgecap supports ({', '.join(RESAMPLE)})")
     mean, std = processor.image_mean, processor.image_std
     return Preprocessing(
         height=int(size["height"]),
         width=int(size["width"]),
-        resample=names[Image.Resampling(int(processor.resample))],
+        resample=names[int(processor.resample)],
         do_resize=bool(processor.do_resize),
         rescale_factor=float(processor.rescale_factor),
         do_rescale=bool(processor.do_rescale),
@@ -260,8 +330,8 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
 
 def _export_encoder(graph: EncoderGraph, pixels: torch.Tensor, path: Path, layers: int) -> None:
     cross, _, _ = input_output_names(layers)
-    axes = {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in cross}}
-    _export(graph, (pixels,), path, ["pixel_values"], cross, axes)
+    axes = {PIXEL_VALUES: {0: "batch"}, **{name: {0: "batch"} for name in cross}}
+    _export(graph, (pixels,), path, [PIXEL_VALUES], cross, axes)
 
 
 def _write_decoder(lm_model: nn.Module, path: Path, fused: bool, encoder_seq_len: int) -> str:
@@ -289,9 +359,10 @@ def _export_decoder(graph, path: Path, layers: int, heads: int, head_dim: int, e
     ids = torch.zeros(rows, 1, dtype=torch.long)
     past = [torch.randn(rows, heads, past_len, head_dim) for _ in range(2 * layers)]
     cross = [torch.randn(rows, heads, enc_len, head_dim) for _ in range(2 * layers)]
-    axes = {"input_ids": {0: "rows"}, "logits": {0: "rows"}}
+    axes = {INPUT_IDS: {0: "rows"}, LOGITS: {0: "rows"}}
+    cache_inputs = set(past_names(layers))
     for name in inputs[1:]:
-        axes[name] = {0: "rows", 2: "past_len"} if name.startswith("past") else {0: "images"}
+        axes[name] = {0: "rows", 2: "past_len"} if name in cache_inputs else {0: "images"}
     for name in outputs[1:]:
         axes[name] = {0: "rows", 2: "total_len"}
     _export(graph, (ids, *past, *cross), path, inputs, outputs, axes)
@@ -314,7 +385,7 @@ def check_parity(directory: Path, pixels: torch.Tensor, reference, layers: int, 
     encoder = ort.InferenceSession(str(directory / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(directory / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
     cross_names, input_names, _ = input_output_names(layers)
-    cross = encoder.run(cross_names, {"pixel_values": pixels.numpy()})
+    cross = encoder.run(cross_names, {PIXEL_VALUES: pixels.numpy()})
     rows = pixels.shape[0]
     head_shape = cross[0].shape
     past = [np.zeros((rows, head_shape[1], 0, head_shape[3]), np.float32) for _ in range(2 * layers)]

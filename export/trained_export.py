@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shlex
+from pathlib import Path, PurePath
+from typing import Any
 
 from transformers import GenerationConfig
 
@@ -34,10 +36,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_step
         mean=tuple(pre["mean"]), std=tuple(pre["std"]), do_normalize=True,
     )
     generation = GenerationConfig.from_pretrained(ckpt / "decoder")
-    provenance = {"source": str(ckpt.resolve()), "source_kind": "edgecap-train-checkpoint"}
+    # The checkpoint folder's name only: manifests travel with models, private paths should not.
+    provenance = {"source": ckpt.resolve().name, "source_type": "folder-name",
+                  "source_kind": "edgecap-train-checkpoint"}
     config_file = ckpt / "train_config.json"
     if config_file.is_file():
-        provenance["training"] = json.loads(config_file.read_text())
+        provenance["training"] = public_training_config(json.loads(config_file.read_text()))
     metrics_file = ckpt / "metrics.json"
     if metrics_file.is_file():
         provenance["training_metrics"] = json.loads(metrics_file.read_text())
@@ -52,3 +56,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_step
         check_steps=check_steps,
         fused=fused,
     )
+
+
+def public_training_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded training config with every absolute path cut to its last part (the folder or
+    file name), in path fields and in the command line alike; everything else unchanged."""
+
+    def name(path: str) -> str:
+        return PurePath(path).name if PurePath(path).is_absolute() or path.startswith("~") else path
+
+    public = dict(config)
+    for key, value in config.items():
+        if key.endswith("_dir") and isinstance(value, str):
+            public[key] = name(value)
+    if isinstance(config.get("command_line"), str):
+        words = shlex.split(config["command_line"])
+        public["command_line"] = shlex.join(name(word) for word in words)
+    return public

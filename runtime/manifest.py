@@ -18,6 +18,44 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "edgecap"
 FORMAT_VERSION = 1
 
+# ---------------------------------------------------------------- graph tensor names
+# The contract between export's graphs and the runtime: both sides build names only from these.
+# Encoder: PIXEL_VALUES -> cross names. Decoder step: INPUT_IDS, past names, cross names ->
+# LOGITS, present names. Per-layer tensors come in (key, value) pairs, layer by layer.
+PIXEL_VALUES = "pixel_values"
+INPUT_IDS = "input_ids"
+LOGITS = "logits"
+KV_KINDS = ("key", "value")
+
+
+def _per_layer(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in KV_KINDS]
+
+
+def cross_names(layers: int) -> list[str]:
+    """Cross-attention K/V per layer: the encoder's outputs and the decoder's last inputs."""
+    return _per_layer("cross", layers)
+
+
+def past_names(layers: int) -> list[str]:
+    """The self-attention cache fed to the decoder step, per layer."""
+    return _per_layer("past", layers)
+
+
+def present_names(layers: int) -> list[str]:
+    """The grown cache the decoder step returns, per layer (fed back as the next past)."""
+    return _per_layer("present", layers)
+
+
+def decoder_input_names(layers: int) -> list[str]:
+    """The decoder step's inputs in graph order."""
+    return [INPUT_IDS, *past_names(layers), *cross_names(layers)]
+
+
+def decoder_output_names(layers: int) -> list[str]:
+    """The decoder step's outputs in graph order."""
+    return [LOGITS, *present_names(layers)]
+
 
 @dataclass(frozen=True)
 class Preprocessing:

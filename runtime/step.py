@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import Manifest
+from .manifest import (
+    INPUT_IDS, PIXEL_VALUES, Manifest, cross_names, decoder_output_names, past_names,
+)
 
 
 @dataclass
@@ -34,15 +36,14 @@ class GraphRunner:
         self.decoder = decoder
         self.manifest = manifest
         layers = manifest.num_layers
-        kinds = ("key", "value")
-        self.cross_names = [f"cross_{k}_{i}" for i in range(layers) for k in kinds]
-        self.past_names = [f"past_{k}_{i}" for i in range(layers) for k in kinds]
-        self.output_names = ["logits"] + [f"present_{k}_{i}" for i in range(layers) for k in kinds]
-        self._float_type = np.float16 if _is_fp16(decoder, "past_key_0") else np.float32
+        self.cross_names = cross_names(layers)
+        self.past_names = past_names(layers)
+        self.output_names = decoder_output_names(layers)
+        self._float_type = np.float16 if _is_fp16(decoder, self.past_names[0]) else np.float32
 
     def encode(self, pixel_values: np.ndarray) -> list[np.ndarray]:
         """pixel_values [B, 3, H, W] -> cross-attention K/V for every decoder layer."""
-        return self.encoder.run(self.cross_names, {"pixel_values": pixel_values})
+        return self.encoder.run(self.cross_names, {PIXEL_VALUES: pixel_values})
 
     def start(self, cross: list[np.ndarray], repeats: int = 1) -> DecoderState:
         """A state with an empty cache for ``repeats`` hypotheses (beams) per image.
@@ -57,12 +58,16 @@ class GraphRunner:
         empty = np.zeros((rows, m.num_heads, 0, m.head_dim), self._float_type)
         return DecoderState(past=[empty] * len(self.past_names), cross=cross)
 
-    def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per row; returns logits [rows, vocab] (float32) and grows the cache."""
-        feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64, copy=False)}
+    def decoder_feeds(self, state: DecoderState, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoder step's inputs for one token per row, by tensor name."""
+        feeds = {INPUT_IDS: tokens.reshape(-1, 1).astype(np.int64, copy=False)}
         feeds.update(zip(self.past_names, state.past))
         feeds.update(zip(self.cross_names, state.cross))
-        logits, *state.past = self.decoder.run(self.output_names, feeds)
+        return feeds
+
+    def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row; returns logits [rows, vocab] (float32) and grows the cache."""
+        logits, *state.past = self.decoder.run(self.output_names, self.decoder_feeds(state, tokens))
         return logits.astype(np.float32, copy=False)
 
     @staticmethod
