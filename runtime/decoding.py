@@ -97,12 +97,16 @@ def greedy_search(runner: GraphRunner, cross: list[np.ndarray], options: Generat
     return [done[i] for i in range(batch)]
 
 
-def _hypothesis(sequence: np.ndarray, logprob_sum: float, eos_id: int) -> Hypothesis:
+def _hypothesis(sequence: np.ndarray, logprob_sum: float, eos_id: int,
+                score: float | None = None) -> Hypothesis:
+    """Tokens after the start token up to the first end token; ``score`` given (beam search)
+    or greedy's: mean log-probability per generated token (higher is more confident)."""
     tokens = sequence[1:].tolist()
     if eos_id in tokens:
         tokens = tokens[: tokens.index(eos_id) + 1]
-    # Greedy's score: mean log-probability per generated token (higher is more confident).
-    return Hypothesis(tokens, float(logprob_sum) / max(1, len(tokens)))
+    if score is None:
+        score = float(logprob_sum) / max(1, len(tokens))
+    return Hypothesis(tokens, score)
 
 
 # ---------------------------------------------------------------- beam search
@@ -117,12 +121,8 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
     penalty, early = options.length_penalty, options.early_stopping
 
     state = runner.start(cross, repeats=beams)  # cross K/V expanded once, never recomputed
-    running = np.full((batch, beams, max_length), eos_id, dtype=np.int64)
-    running[:, :, 0] = start_id
-    running_scores = np.zeros((batch, beams), np.float32)
-    running_scores[:, 1:] = NEG  # all beams start identical: only the first may expand
-    finished = running.copy()
-    finished_scores = np.full((batch, beams), NEG, np.float32)
+    running, running_scores = _start_beams(batch, beams, max_length, start_id, eos_id)
+    finished, finished_scores = running.copy(), np.full((batch, beams), NEG, np.float32)
     is_finished = np.zeros((batch, beams), bool)
     improvable = np.ones(batch, bool)  # transformers' is_early_stop_heuristic_unsatisfied
     top_mask = np.arange(keep) < beams
@@ -153,40 +153,55 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
 
         # Finished hypotheses: only endings among the top `beams` candidates count.
         just_ended = hits_end & top_mask[None, :]
-        ended_scores = top_scores / np.float32((cur_len + 1 - 1) ** penalty)
-        full = is_finished.all(axis=1, keepdims=True) & (early is True)
-        ended_scores = ended_scores + full.astype(np.float32) * NEG
-        ended_scores = ended_scores + (~improvable[:, None]).astype(np.float32) * NEG
-        ended_scores = ended_scores + (~just_ended).astype(np.float32) * NEG
-        merged_scores = np.concatenate([finished_scores, ended_scores], axis=1)
-        best = _topk(merged_scores, beams)
-        finished = np.take_along_axis(np.concatenate([finished, candidates], axis=1), best[:, :, None], axis=1)
-        finished_scores = np.take_along_axis(merged_scores, best, axis=1)
-        is_finished = np.take_along_axis(np.concatenate([is_finished, just_ended], axis=1), best, axis=1)
+        finished, finished_scores, is_finished = _merge_finished(
+            (finished, finished_scores, is_finished), candidates, top_scores, just_ended,
+            improvable, cur_len, options)
 
         runner.select(state, (parents + np.arange(batch)[:, None] * beams).reshape(-1), cross_too=False)
         cur_len += 1
 
         # Can any running beam still beat the worst finished one?
-        if early == "never" and penalty > 0.0:
-            best_length = max_length - 1
-        else:
-            best_length = cur_len - 1
+        best_length = max_length - 1 if early == "never" and penalty > 0.0 else cur_len - 1
         best_possible = running_scores[:, 0] / np.float32(best_length**penalty)
         worst = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), NEG)
         improvable &= (best_possible[:, None] > worst).any(axis=1)
 
-        all_closed = is_finished.all() and early is True
-        if not improvable.any() or all_closed or hits_end.all():
+        if not improvable.any() or (is_finished.all() and early is True) or hits_end.all():
             break
 
-    results = []
-    for image in range(batch):
-        tokens = finished[image, 0, 1:].tolist()
-        if eos_id in tokens:
-            tokens = tokens[: tokens.index(eos_id) + 1]
-        results.append(Hypothesis(tokens, float(finished_scores[image, 0])))
-    return results
+    return [_hypothesis(finished[image, 0], 0.0, eos_id, float(finished_scores[image, 0]))
+            for image in range(batch)]
+
+
+def _start_beams(batch: int, beams: int, max_length: int, start_id: int, eos_id: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Running sequences [batch, beams, max_length] (start token, then EOS padding) and scores."""
+    running = np.full((batch, beams, max_length), eos_id, dtype=np.int64)
+    running[:, :, 0] = start_id
+    running_scores = np.zeros((batch, beams), np.float32)
+    running_scores[:, 1:] = NEG  # all beams start identical: only the first may expand
+    return running, running_scores
+
+
+def _merge_finished(kept: tuple[np.ndarray, np.ndarray, np.ndarray], candidates: np.ndarray,
+                    top_scores: np.ndarray, just_ended: np.ndarray, improvable: np.ndarray,
+                    cur_len: int, options: GenerationOptions
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best ``num_beams`` finished hypotheses per image: those kept so far plus the
+    candidates that just ended, scored with the length penalty (transformers' rules: none is
+    added once an image is closed, or when it can no longer improve)."""
+    finished, finished_scores, is_finished = kept
+    ended_scores = top_scores / np.float32(cur_len**options.length_penalty)
+    full = is_finished.all(axis=1, keepdims=True) & (options.early_stopping is True)
+    ended_scores = ended_scores + full.astype(np.float32) * NEG
+    ended_scores = ended_scores + (~improvable[:, None]).astype(np.float32) * NEG
+    ended_scores = ended_scores + (~just_ended).astype(np.float32) * NEG
+    merged_scores = np.concatenate([finished_scores, ended_scores], axis=1)
+    best = _topk(merged_scores, options.num_beams)
+    merged = np.concatenate([finished, candidates], axis=1)
+    return (np.take_along_axis(merged, best[:, :, None], axis=1),
+            np.take_along_axis(merged_scores, best, axis=1),
+            np.take_along_axis(np.concatenate([is_finished, just_ended], axis=1), best, axis=1))
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
