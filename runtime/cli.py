@@ -34,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_caption_arguments(caption)
     caption.set_defaults(handler=run_caption)
+    _add_watch_parser(commands)
+    _add_serve_parser(commands)
+    from . import search_cli  # the caption archive's search (sqlite3 only: cheap to import)
+
+    search_cli.add_parser(commands)
+    try:
+        toolchain = importlib.import_module("edgecap.export.commands")
+    except ImportError:  # runtime-only install: no export package
+        toolchain = None
+    if toolchain is not None:
+        toolchain.register(commands)
+    return parser
+
+
+def _add_watch_parser(commands) -> None:
     watch = commands.add_parser(
         "watch", help="caption a video file, stream, camera or drop folder (needs [video])",
         description="Caption live video in real time: SOURCE is a video file, an rtsp:// or "
@@ -65,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(watch)
     watch.set_defaults(handler=run_watch)
 
+
+def _add_serve_parser(commands) -> None:
     serve = commands.add_parser(
         "serve", help="HTTP captioning service (needs [serve] extra)",
         description="Serve POST /v1/captions with dynamic batching, backpressure (503 + "
@@ -86,15 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(serve)  # the service's defaults; each request may override them
     add_runtime_arguments(serve)
     serve.set_defaults(handler=run_serve)
-    from . import search_cli  # the caption archive's search (sqlite3 only: cheap to import)
-    search_cli.add_parser(commands)
-    try:
-        toolchain = importlib.import_module("edgecap.export.commands")
-    except ImportError:  # runtime-only install: no export package
-        toolchain = None
-    if toolchain is not None:
-        toolchain.register(commands)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

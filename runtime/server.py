@@ -87,40 +87,75 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return body
 
 
-def create_app(settings: Settings) -> Starlette:
-    state: dict = {"ready": False}
-    metrics = Metrics(settings.max_batch)
+class Rejected(Exception):
+    """A request answered with an error response instead of captions."""
+
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+class CaptionService:
+    """The service's state and handlers: one Captioner behind one MicroBatcher."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics(settings.max_batch)
+        self.ready = False
+        self.captioner: Captioner | None = None
+        self.batcher: MicroBatcher | None = None
+
+    def reject(self, status: int, kind: str, message: str, headers=None) -> Rejected:
+        return Rejected(error(status, kind, message, self.metrics, headers))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(self, app):
+        settings = self.settings
         captioner = await run_in_threadpool(Captioner, settings.model, device=settings.device,
                                             cpu_threads=settings.cpu_threads)
         captioner.options(**settings.generation)  # bad service defaults fail at start
         await run_in_threadpool(captioner.caption, Image.new("RGB", (64, 64), (127, 127, 127)))
-        state["captioner"] = captioner
-        state["batcher"] = MicroBatcher(captioner, max_batch=settings.max_batch,
-                                        max_wait_ms=settings.max_wait_ms,
-                                        max_queue=settings.max_queue,
-                                        on_batch=metrics.batch_size.observe)
-        state["ready"] = True
+        self.captioner = captioner
+        self.batcher = MicroBatcher(captioner, max_batch=settings.max_batch,
+                                    max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                                    on_batch=self.metrics.batch_size.observe)
+        self.ready = True
         yield
-        state["ready"] = False
-        await run_in_threadpool(state["batcher"].stop)
+        self.ready = False
+        await run_in_threadpool(self.batcher.stop)
 
-    async def captions(request: Request) -> Response:
+    async def captions(self, request: Request) -> Response:
         started = time.perf_counter()
-        if not state["ready"]:
-            return error(503, "not_ready", "model is loading", metrics, {"Retry-After": "1"})
-        body = await read_body(request, settings.max_body_bytes)
+        try:
+            if not self.ready:
+                raise self.reject(503, "not_ready", "model is loading", {"Retry-After": "1"})
+            params, uploads = await self._read_request(request)
+            try:
+                options = self.captioner.options(
+                    **{**self.settings.generation, **generation_from_fields(params)})
+            except OptionsError as exc:
+                raise self.reject(400, "bad_options", str(exc)) from None
+            images = [await self._decode(name, data) for name, data in uploads]
+            results = await self._caption(images, options, [name for name, _ in uploads])
+        except Rejected as rejected:
+            return rejected.response
+        self.metrics.requests.labels("200").inc()
+        self.metrics.latency.observe(time.perf_counter() - started)
+        payload = [result.to_record() for result in results]
+        return JSONResponse(payload[0] if len(payload) == 1 else {"results": payload})
+
+    async def _read_request(self, request: Request) -> tuple[dict, list[tuple[str, bytes]]]:
+        """(option fields, [(name, image bytes)]) from a raw-image or multipart request."""
+        limit = self.settings.max_body_bytes
+        body = await read_body(request, limit)
         if body is None:
-            return error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", metrics)
+            raise self.reject(413, "too_large", f"body exceeds {limit} bytes")
         params = dict(request.query_params)
         uploads: list[tuple[str, bytes]] = []
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             try:
-                form = await request.form(max_files=settings.max_images)
+                form = await request.form(max_files=self.settings.max_images)
             except Exception as exc:  # noqa: BLE001 - malformed multipart
-                return error(400, "bad_request", f"malformed multipart body ({exc})", metrics)
+                raise self.reject(400, "bad_request", f"malformed multipart body ({exc})") from None
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
                     uploads.append((value.filename or key, await value.read()))
@@ -129,62 +164,60 @@ def create_app(settings: Settings) -> Starlette:
         else:
             uploads.append(("body", body))
         if not uploads:
-            return error(400, "bad_request", "no image: send it as the body or a form file", metrics)
-        if len(uploads) > settings.max_images:
-            return error(400, "bad_request", f"at most {settings.max_images} images per request", metrics)
-        try:
-            options = state["captioner"].options(
-                **{**settings.generation, **generation_from_fields(params)})
-        except OptionsError as exc:
-            return error(400, "bad_options", str(exc), metrics)
-        images = []
-        for name, data in uploads:
-            try:
-                images.append(await run_in_threadpool(decode_image, data, name))
-            except ImageError as exc:
-                return error(422 if data else 400, "bad_image", f"{name}: {exc.reason}", metrics)
-        batcher: MicroBatcher = state["batcher"]
-        try:
-            futures = [batcher.submit(img, options, name) for img, (name, _) in zip(images, uploads)]
-        except Overloaded as exc:
-            return error(503, "overloaded", str(exc), metrics, {"Retry-After": "1"})
-        finally:
-            metrics.queue_depth.set(batcher.depth())
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), settings.timeout_s)
-        except asyncio.TimeoutError:
-            return error(504, "timeout", f"no caption within {settings.timeout_s} s", metrics)
-        metrics.requests.labels("200").inc()
-        metrics.latency.observe(time.perf_counter() - started)
-        payload = [result.to_record() for result in results]
-        return JSONResponse(payload[0] if len(payload) == 1 else {"results": payload})
+            raise self.reject(400, "bad_request", "no image: send it as the body or a form file")
+        if len(uploads) > self.settings.max_images:
+            raise self.reject(400, "bad_request", f"at most {self.settings.max_images} images per request")
+        return params, uploads
 
-    async def healthz(request: Request) -> Response:
+    async def _decode(self, name: str, data: bytes):
+        try:
+            return await run_in_threadpool(decode_image, data, name)
+        except ImageError as exc:
+            raise self.reject(422 if data else 400, "bad_image", f"{name}: {exc.reason}") from None
+
+    async def _caption(self, images: list, options, names: list[str]) -> list:
+        batcher = self.batcher
+        try:
+            futures = [batcher.submit(image, options, name) for image, name in zip(images, names)]
+        except Overloaded as exc:
+            raise self.reject(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
+        finally:
+            self.metrics.queue_depth.set(batcher.depth())
+        timeout = self.settings.timeout_s
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout)
+        except asyncio.TimeoutError:
+            raise self.reject(504, "timeout", f"no caption within {timeout} s") from None
+
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "live"})
 
-    async def readyz(request: Request) -> Response:
-        if state["ready"]:
+    async def readyz(self, request: Request) -> Response:
+        if self.ready:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    async def metrics_endpoint(request: Request) -> Response:
-        if "batcher" in state:
-            metrics.queue_depth.set(state["batcher"].depth())
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(self, request: Request) -> Response:
+        if self.batcher is not None:
+            self.metrics.queue_depth.set(self.batcher.depth())
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def openapi(request: Request) -> Response:
+    async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
 
-    async def demo(request: Request) -> Response:
+    async def demo(self, request: Request) -> Response:
         return HTMLResponse(DEMO_PAGE.read_text())
 
+
+def create_app(settings: Settings) -> Starlette:
+    service = CaptionService(settings)
     return Starlette(routes=[
-        Route("/v1/captions", captions, methods=["POST"]),
-        Route("/healthz", healthz), Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint), Route("/openapi.json", openapi),
-        Route("/", demo),
-    ], lifespan=lifespan)
+        Route("/v1/captions", service.captions, methods=["POST"]),
+        Route("/healthz", service.healthz), Route("/readyz", service.readyz),
+        Route("/metrics", service.prometheus), Route("/openapi.json", service.openapi),
+        Route("/", service.demo),
+    ], lifespan=service.lifespan)
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
