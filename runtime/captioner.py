@@ -12,7 +12,8 @@ import numpy as np
 
 from .decoding import Hypothesis, beam_search, greedy_search
 from .errors import EdgecapError, ModelError, OptionsError
-from .manifest import GenerationOptions, Manifest
+from .manifest import (PIXEL_VALUES, GenerationOptions, Manifest, cross_names,
+                       decoder_input_names)
 from .options import check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
 from .results import CaptionFailure, CaptionResult
@@ -179,17 +180,15 @@ class Captioner:
 def _check_graphs(encoder, decoder, manifest: Manifest, model_dir: Path) -> None:
     """The graphs must have the inputs and outputs the manifest promises."""
     layers = manifest.num_layers
-    expected_inputs = {"input_ids"} | {f"past_{k}_{i}" for i in range(layers) for k in ("key", "value")}
     found = {t.name for t in decoder.get_inputs()}
-    if not expected_inputs <= found:
+    if not set(decoder_input_names(layers)) <= found:
         raise ModelError(
             f"{model_dir}: decoder graph does not match the manifest (expected {layers} layers); "
             "the files come from different exports: re-export the model"
         )
     encoder_outputs = {t.name for t in encoder.get_outputs()}
-    if f"cross_key_{layers - 1}" not in encoder_outputs or "pixel_values" not in {
-        t.name for t in encoder.get_inputs()
-    }:
+    encoder_inputs = {t.name for t in encoder.get_inputs()}
+    if not set(cross_names(layers)) <= encoder_outputs or PIXEL_VALUES not in encoder_inputs:
         raise ModelError(f"{model_dir}: encoder graph does not match the manifest; re-export the model")
     logits_dim = decoder.get_outputs()[0].shape[-1]
     if isinstance(logits_dim, int) and logits_dim != manifest.vocab_size:
