@@ -45,13 +45,13 @@ def caption(rng: random.Random) -> str:
     return text
 
 
-def records(n: int, seed: int = 0):
+def records(n: int, seed: int = 0, start_s: float = 0.0, span_s: float = SPAN_S):
     rng = random.Random(seed)
     frames = dict.fromkeys(CAMERAS, 0)
     for i in range(n):
         camera = CAMERAS[i % len(CAMERAS)]
         frames[camera] += 1
-        wall = T0 + dt.timedelta(seconds=SPAN_S * i / n)
+        wall = T0 + dt.timedelta(seconds=start_s + span_s * i / n)
         yield {"camera": camera, "stream_time": frames[camera] * 2.6, "frame_index": frames[camera],
                "wall_time": wall.isoformat(timespec="milliseconds"), "generated_text": caption(rng),
                "score": -rng.random(), "latency_ms": 80 + 40 * rng.random(), "snapshot": None}
@@ -71,8 +71,8 @@ def build(path: Path, rows: int, batch: int) -> dict:
         if chunk:
             archive.add_many(chunk)
         bulk_s = time.perf_counter() - started
-        # One row per transaction, as a watch loop adds them.
-        single = list(records(2000, seed=1))
+        # One row per transaction, as a watch loop adds them, after the bulk rows in time.
+        single = list(records(2000, seed=1, start_s=SPAN_S, span_s=3600))
         started = time.perf_counter()
         for record in single:
             archive.add(record)

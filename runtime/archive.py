@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 PROTECTED_S = 3600.0  # the newest hour is never pruned: it is what users ask about first
 PRUNE_BATCH = 200  # rows per delete transaction: each write lock stays short for the cameras
 DEFAULT_GAP_S = 60.0  # hits of one camera closer than this in wall time form one event
-DEFAULT_CANDIDATES = 5000  # newest matches ranked per search: bounds the cost of common words
+DEFAULT_CANDIDATES = 1000  # newest matches ranked per search: bm25 is the cost of a common word
 LAG_SLACK_S = 1e-3  # float rounding of watermark - wall_ts when bounding ids by `until`
 TimeLike = dt.datetime | str | float | int
 
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS captions (
 );
 CREATE INDEX IF NOT EXISTS captions_by_watermark ON captions (watermark);
 -- One row: the running sum of snapshot sizes (prune() knows the disk use without a scan) and
--- the most any row's wall_ts lagged behind its watermark (bounds the id range of `until`).
+-- the most any row's wall_ts lagged behind its watermark (bounds the id range of `until`; a
+-- backfill of old records raises it for good, and `until` searches then scan further back).
 CREATE TABLE IF NOT EXISTS totals (snapshot_bytes INTEGER NOT NULL, max_lag REAL NOT NULL);
 INSERT INTO totals SELECT 0, 0.0 WHERE NOT EXISTS (SELECT 1 FROM totals);
 -- External-content FTS5: the text is stored once (in captions) and the triggers keep the index
@@ -453,9 +454,11 @@ class Archive:
         """Delete the oldest captions and their snapshot files, a small batch per transaction.
 
         Rows older than ``keep_days`` go; then, while the archive uses more than
-        ``max_disk_mb`` (database + WAL + snapshots), the oldest rows go. The newest hour
-        (before ``now`` and before the newest caption) is never pruned, so the disk budget can
-        be exceeded by it. Freed database pages are handed back to the file system at the end.
+        ``max_disk_mb`` (database + WAL + snapshots), the oldest rows go. Age is judged in
+        arrival order (a record that arrives late with an old ``wall_time`` goes with the rows
+        that arrived around it). The newest hour (before ``now`` and before the newest
+        caption) is never pruned, so the disk budget can be exceeded by it. Freed database
+        pages are handed back to the file system at the end.
 
         Raises:
             ArchiveError: the archive is read-only or a write failed.
@@ -492,11 +495,12 @@ class Archive:
         deleted = files = 0
         while True:
             with self._write() as conn:
-                # Oldest arrivals first; the watermark bound keeps the index walk short.
-                lag = conn.execute("SELECT max_lag FROM totals").fetchone()[0]
+                # Age by arrival: watermark < cutoff implies wall_ts < cutoff, and the index
+                # hands over the oldest batch without a scan. A late record with an old
+                # wall_time stays until the rows that arrived around it age out.
                 rows = conn.execute("SELECT id, snapshot, snapshot_bytes FROM captions WHERE "
-                                    "watermark < ? AND wall_ts < ? ORDER BY watermark LIMIT ?",
-                                    (cutoff + lag + LAG_SLACK_S, cutoff, PRUNE_BATCH)).fetchall()
+                                    "watermark < ? ORDER BY watermark LIMIT ?",
+                                    (cutoff, PRUNE_BATCH)).fetchall()
                 if budget is not None:
                     rows = _enough(rows, *_excess(conn, budget))
                 conn.executemany("DELETE FROM captions WHERE id = ?", [(r[0],) for r in rows])

@@ -302,9 +302,15 @@ def test_newest_hour_is_never_pruned(tmp_path):
 
 def test_prune_by_age(tmp_path):
     with Archive.open(tmp_path / "a.db") as archive:
-        ids = archive.add_many([record(f"a car {d}", d * 1440) for d in range(10)])
+        ids = archive.add_many([record(f"a car {d}", d * 1440) for d in range(9, -1, -1)])
         stats = archive.prune(keep_days=3.5, now=NOW)
-        assert stats.rows_deleted == 6 and [h.id for h in archive.get(ids)] == ids[:4]
+        assert stats.rows_deleted == 6 and [h.id for h in archive.get(ids)] == ids[6:]
+        # Age goes by arrival: a late record with an old time goes with its neighbours.
+        late = archive.add(record("a late car", 20 * 1440))
+        assert archive.prune(keep_days=3.5, now=NOW).rows_deleted == 0
+        # ... and shares their protection as part of the archive's newest hour
+        assert archive.prune(keep_days=3.5, now=NOW + dt.timedelta(days=4)).rows_deleted == 3
+        assert [h.id for h in archive.get(ids + [late])] == [ids[-1], late]
 
 
 def write_rows(path: str, camera: str, n: int) -> None:
