@@ -372,3 +372,12 @@ def test_killed_writer_leaves_a_sound_archive(tmp_path):
     assert set(reported) <= stored
     with Archive.open(path) as archive:  # and it opens and takes more rows
         assert archive.add(record("after the crash", 0)) > max(stored)
+
+
+def test_search_help_explains_query_syntax(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    for words in ('"red car"', "dog OR cat", "person NOT dog", "walk*", "--since", "--frames"):
+        assert words in out
