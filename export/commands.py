@@ -11,6 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+# Torch-free: the train options are registered with the other commands at no cost.
+from .train_config import add_train_arguments, config_from_args
+
 
 def register(commands) -> None:
     export = commands.add_parser(
@@ -100,38 +103,10 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         "(repeatable; default: quantize every MatMul, measured within 2%% CIDEr)")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="Flickr8k dir (images/, captions.txt, splits)")
-    parser.add_argument("--out", required=True, help="output checkpoint dir")
-    parser.add_argument("--epochs", type=int, default=6, help="maximum epochs (early stopping may end sooner)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup-steps", type=int, default=300, help="linear warm-up, then cosine decay")
-    parser.add_argument("--n-layer", type=int, default=4, help="decoder layers")
-    parser.add_argument("--n-embd", type=int, default=384, help="decoder width")
-    parser.add_argument("--n-head", type=int, default=6, help="decoder attention heads")
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
-    parser.add_argument("--dev-images", type=int, default=250, help="dev images scored per epoch (CIDEr-D)")
-    parser.add_argument("--patience", type=int, default=2, help="epochs without dev gain before stopping")
-    parser.add_argument("--max-train-images", type=int, default=None, help="subset for smoke runs")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    parser.add_argument("--time-budget-min", type=float, default=None,
-                        help="wall-clock budget for training; the lr schedule decays to fit it")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--cache-dir", default=None,
-                        help="frozen-encoder feature cache (default ~/.cache/edgecap/features-lite0)")
-    parser.add_argument("--bpe-dir", default=None, help="GPT-2 BPE files (default: <data>/../gpt2-bpe)")
-
-
 def run_train(args: argparse.Namespace) -> int:
     from . import training
 
-    if args.cache_dir is None:
-        args.cache_dir = str(training.DEFAULT_CACHE_DIR)
-    return training.run(args)
+    return training.run(config_from_args(args))
 
 
 def _export_and_quantize(export, args: argparse.Namespace) -> int:

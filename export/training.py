@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from .captioner_model import GPT2_EOS_ID, FeatureEncoder, build_decoder
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache/edgecap/features-lite0"
+# TrainConfig lives beside the CLI arguments, in a torch-free module; importable from here too.
+from .train_config import TrainConfig, add_train_arguments, config_from_args
 IMAGE_SIZE = (224, 224)
 PIXEL_MEAN, PIXEL_STD = 127.0, 128.0  # in 0..255 units, as the backbone was trained
 PREPROCESS = {
@@ -201,60 +202,37 @@ def save_model(out_dir, encoder, decoder, id_map, tokenizer, bos_eos_id: int) ->
 # ---------------------------------------------------------------- recipe
 
 
-def train(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    epochs: int = 6,
-    batch_size: int = 64,
-    lr: float = 5e-4,
-    weight_decay: float = 0.01,
-    warmup_steps: int = 300,
-    n_layer: int = 4,
-    n_embd: int = 384,
-    n_head: int = 6,
-    label_smoothing: float = 0.0,
-    bf16: bool = False,
-    max_caption_tokens: int = 32,
-    dev_images: int = 250,
-    patience: int = 2,
-    max_train_images: int | None = None,
-    max_steps: int | None = None,
-    time_budget_min: float | None = None,
-    seed: int = 0,
-    threads: int = 2,
-    cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    bpe_dir: str | Path | None = None,
-    log_every: int = 20,
-    command_line: str | None = None,
-) -> dict:
-    """Train the captioner; write the best-dev-CIDEr checkpoint and logs into `out_dir`.
+def train(config: TrainConfig) -> dict:
+    """Train the captioner; write the best-dev-CIDEr checkpoint and logs into ``config.out_dir``.
 
+    Args:
+        config: every setting of the run (see ``TrainConfig``); written to train_config.json.
     Returns:
         dict with best_dev_cider, best_epoch, step_losses (every step's train loss) and history.
     """
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    data_dir, out_dir, cache_dir = Path(data_dir), Path(out_dir), Path(cache_dir).expanduser()
-    bpe_dir = Path(bpe_dir) if bpe_dir else data_dir.parent / "gpt2-bpe"
-    torch.set_num_threads(threads)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
+    cache_dir = Path(config.cache_dir).expanduser()
+    bpe_dir = Path(config.bpe_dir) if config.bpe_dir else data_dir.parent / "gpt2-bpe"
+    torch.set_num_threads(config.threads)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     argv = sys.argv
     if argv and argv[0].endswith("training.py"):  # `python -m` puts the file path in argv[0]
         argv = ["-m", "edgecap.export.training"] + argv[1:]
-    config["command_line"] = command_line or shlex.join([sys.executable] + argv)
-    config["preprocess"] = PREPROCESS
-    (out_dir / "train_config.json").write_text(json.dumps(config, indent=2))
+    recorded["command_line"] = config.command_line or shlex.join([sys.executable] + argv)
+    recorded["preprocess"] = PREPROCESS
+    (out_dir / "train_config.json").write_text(json.dumps(recorded, indent=2))
     log_path = out_dir / "train_log.jsonl"
     log_path.write_text("")
 
     # Captions -> GPT-2 BPE (leading space), vocabulary pruned to the training captions.
     tokenizer = build_tokenizer(bpe_dir)
     captions = load_captions(data_dir)
-    train_names = read_split(data_dir, "train")[:max_train_images]
-    dev_names = read_split(data_dir, "dev")[:dev_images]
+    train_names = read_split(data_dir, "train")[:config.max_train_images]
+    dev_names = read_split(data_dir, "dev")[:config.dev_images]
     gpt2_ids = {n: [tokenizer.encode(" " + normalize_caption(c)).ids for c in captions[n]]
                 for n in train_names + dev_names}
     used = sorted({t for n in train_names for ids in gpt2_ids[n] for t in ids} - {GPT2_EOS_ID})
@@ -266,14 +244,14 @@ def train(
         rows = []  # (image index, [EOS] + caption + [EOS]); tokens unseen in training dropped
         for i, n in enumerate(names):
             for ids in gpt2_ids[n]:
-                body = [to_pruned[t] for t in ids if t in to_pruned][:max_caption_tokens]
+                body = [to_pruned[t] for t in ids if t in to_pruned][:config.max_caption_tokens]
                 rows.append((i, [eos] + body + [eos]))
         return rows
 
     train_rows, dev_rows = sequences(train_names), sequences(dev_names)
     dev_refs = [captions[n] for n in dev_names]
 
-    encoder = FeatureEncoder(n_embd, pretrained_backbone=True)
+    encoder = FeatureEncoder(config.n_embd, pretrained_backbone=True)
     encoder.backbone.requires_grad_(False)
     t0 = time.time()
     train_feats = cached_features(train_names, data_dir / "images", cache_dir, encoder)
@@ -281,45 +259,47 @@ def train(
     print(f"features ready in {time.time() - t0:.0f}s: train {tuple(train_feats.shape)}, "
           f"vocab {len(id_map)}, {len(train_rows)} train captions", file=sys.stderr, flush=True)
 
-    decoder = build_decoder(len(id_map), n_layer, n_embd, n_head, eos)
+    decoder = build_decoder(len(id_map), config.n_layer, config.n_embd, config.n_head, eos)
     head = [p for n, p in encoder.named_parameters() if not n.startswith("backbone.")]
     params = head + list(decoder.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", file=sys.stderr)
 
-    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
-    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(config.max_steps, total)
+    gen = torch.Generator().manual_seed(config.seed)
     lengths = [len(s) for _, s in train_rows]
     step, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     step_losses, history = [], []
     bar = tqdm(total=total, desc="train", file=sys.stderr, mininterval=10)
     t_train = time.time()
-    budget_s = time_budget_min * 60 if time_budget_min else None
+    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     out_of_time = False
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, config.epochs + 1):
         encoder.train()
         decoder.train()
         epoch_losses = []
-        for batch in length_bucketed_batches(lengths, batch_size, gen):
+        for batch in length_bucketed_batches(lengths, config.batch_size, gen):
             # Progress runs on steps, or on wall-clock when a time budget is set and tighter
             # (the CPU is shared): the cosine then still ends at 0 when the budget does.
-            progress = max(0.0, step - warmup_steps) / max(1, total - warmup_steps)
+            progress = max(0.0, step - config.warmup_steps) / max(1, total - config.warmup_steps)
             if budget_s:
                 progress = max(progress, (time.time() - t_train) / budget_s)
             if step >= total or progress >= 1.0:
                 out_of_time = True
                 break
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, lr, warmup_steps, progress)
+                g["lr"] = lr_at(step, config.lr, config.warmup_steps, progress)
             ids, mask = pad_batch([train_rows[j][1] for j in batch], eos)
             feats = train_feats[[train_rows[j][0] for j in batch]]
             # bf16 autocast: fp32 master weights, bf16 matmuls (avx512_bf16 CPUs run them ~2x).
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = caption_loss(encoder, decoder, feats, ids, mask, label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = caption_loss(encoder, decoder, feats, ids, mask, config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -328,8 +308,8 @@ def train(
             step_losses.append(loss.item())
             epoch_losses.append(loss.item())
             bar.update(1)
-            if log_every and step % log_every == 0:
-                recent = np.mean(step_losses[-log_every:])
+            if config.log_every and step % config.log_every == 0:
+                recent = np.mean(step_losses[-config.log_every:])
                 rate = (time.time() - t_train) / step
                 tqdm.write(f"step {step}/{total} loss {recent:.3f} lr {g['lr']:.2e} "
                            f"{rate:.2f}s/step", file=sys.stderr)
@@ -366,8 +346,9 @@ def train(
                  "decoding": "greedy, max 20 tokens", "dev_loss": dev_loss}, indent=2))
         else:
             bad_epochs += 1
-            if bad_epochs >= patience:
-                tqdm.write(f"early stop: no dev CIDEr gain for {patience} epochs", file=sys.stderr)
+            if bad_epochs >= config.patience:
+                tqdm.write(f"early stop: no dev CIDEr gain for {config.patience} epochs",
+                           file=sys.stderr)
                 break
         if out_of_time or step >= total:
             break
@@ -379,28 +360,18 @@ def train(
 # ---------------------------------------------------------------- CLI
 
 
-def run(args: argparse.Namespace) -> int:
-    result = train(
-        args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, n_layer=args.n_layer,
-        n_embd=args.n_embd, n_head=args.n_head, label_smoothing=args.label_smoothing,
-        bf16=args.bf16, dev_images=args.dev_images, patience=args.patience,
-        max_train_images=args.max_train_images, max_steps=args.max_steps,
-        time_budget_min=args.time_budget_min, seed=args.seed,
-        threads=args.threads, cache_dir=args.cache_dir, bpe_dir=args.bpe_dir,
-    )
+def run(config: TrainConfig) -> int:
+    """Train, then print the best dev score as one JSON line (the CLI's output)."""
+    result = train(config)
     print(json.dumps({k: result[k] for k in ("best_dev_cider", "best_epoch")}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .commands import add_train_arguments  # one definition, shared with `edgecap train`
-
+    """``python -m edgecap.export.training``: the same options as ``edgecap train``."""
     parser = argparse.ArgumentParser(prog="edgecap-train", description=__doc__)
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    args.cache_dir = args.cache_dir or str(DEFAULT_CACHE_DIR)
-    return run(args)
+    return run(config_from_args(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""What one training run is told: ``TrainConfig`` and the ``edgecap train`` arguments that fill it.
+
+Kept apart from ``training`` (which imports torch) so the CLI can register its arguments for
+free, and so neither the CLI module nor the recipe has to import the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache/edgecap/features-lite0"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; written to train_config.json, and recorded (paths cut
+    to their names) in the provenance of an export of the checkpoint."""
+
+    data_dir: str | Path  # Flickr8k folder: images/, captions.txt, split_*.txt
+    out_dir: str | Path  # checkpoint folder written (created)
+    epochs: int = 6  # maximum epochs; early stopping may end sooner
+    batch_size: int = 64  # captions per training step
+    lr: float = 5e-4  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decay, on matrices only (not biases or norms)
+    warmup_steps: int = 300  # linear warm-up, then cosine decay
+    n_layer: int = 4  # decoder layers
+    n_embd: int = 384  # decoder width
+    n_head: int = 6  # decoder attention heads
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    bf16: bool = False  # bf16 autocast for training steps (fp32 master weights)
+    max_caption_tokens: int = 32  # longer training captions are cut
+    dev_images: int = 250  # dev images scored (CIDEr-D) after each epoch
+    patience: int = 2  # epochs without dev gain before stopping
+    max_train_images: int | None = None  # subset of the train split, for smoke runs
+    max_steps: int | None = None  # stop after this many steps
+    time_budget_min: float | None = None  # wall-clock budget; the lr schedule decays to fit it
+    seed: int = 0  # python, numpy and torch seeds, and the batch order
+    threads: int = 2  # torch CPU threads
+    cache_dir: str | Path = DEFAULT_CACHE_DIR  # frozen-backbone feature cache, outside the repo
+    bpe_dir: str | Path | None = None  # GPT-2 BPE files; None: <data_dir>/../gpt2-bpe
+    log_every: int = 20  # steps between progress lines; 0: none
+    command_line: str | None = None  # recorded as given; None: this process's own command line
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``edgecap train`` options; ``config_from_args`` turns them into a ``TrainConfig``."""
+    defaults = TrainConfig("", "")
+    parser.add_argument("--data", required=True,
+                        help="Flickr8k dir (images/, captions.txt, splits)")
+    parser.add_argument("--out", required=True, help="output checkpoint dir")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="linear warm-up, then cosine decay")
+    parser.add_argument("--n-layer", type=int, default=defaults.n_layer, help="decoder layers")
+    parser.add_argument("--n-embd", type=int, default=defaults.n_embd, help="decoder width")
+    parser.add_argument("--n-head", type=int, default=defaults.n_head,
+                        help="decoder attention heads")
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
+    parser.add_argument("--dev-images", type=int, default=defaults.dev_images,
+                        help="dev images scored per epoch (CIDEr-D)")
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="epochs without dev gain before stopping")
+    parser.add_argument("--max-train-images", type=int, default=None, help="subset for smoke runs")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--time-budget-min", type=float, default=None,
+                        help="wall-clock budget for training; the lr schedule decays to fit it")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--cache-dir", default=None,
+                        help="frozen-encoder feature cache "
+                        "(default ~/.cache/edgecap/features-lite0)")
+    parser.add_argument("--bpe-dir", default=None,
+                        help="GPT-2 BPE files (default: <data>/../gpt2-bpe)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` an ``edgecap train`` command line asks for."""
+    return TrainConfig(
+        data_dir=args.data, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+        label_smoothing=args.label_smoothing, bf16=args.bf16, dev_images=args.dev_images,
+        patience=args.patience, max_train_images=args.max_train_images, max_steps=args.max_steps,
+        time_budget_min=args.time_budget_min, seed=args.seed, threads=args.threads,
+        cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, bpe_dir=args.bpe_dir,
+    )
