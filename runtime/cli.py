@@ -76,6 +76,20 @@ def _add_watch_parser(commands) -> None:
                       help="never drop frames (file default)")
     watch.add_argument("--timeout-s", type=positive_float, default=5.0,
                        help="stream read timeout in seconds (default 5)")
+    archive = watch.add_argument_group("archive (search it later with `edgecap search`)")
+    archive.add_argument("--archive", type=Path, metavar="DB",
+                         help="also store every caption in this SQLite archive (created if "
+                         "missing; several watchers may share one)")
+    archive.add_argument("--camera", help="the name stored with each caption (default: from the "
+                         "source's file name or URL)")
+    archive.add_argument("--snapshots", type=Path, metavar="DIR",
+                         help="save each captioned frame here as a small JPEG (needs --archive)")
+    archive.add_argument("--keep-days", type=positive_float, metavar="N",
+                         help="prune captions and snapshots older than N days (the newest hour "
+                         "is always kept)")
+    archive.add_argument("--max-disk-mb", type=positive_float, metavar="M",
+                         help="prune the oldest captions and snapshots while the archive uses "
+                         "more than M MB")
     add_generation_arguments(watch)
     add_runtime_arguments(watch)
     watch.set_defaults(handler=run_watch)
@@ -168,27 +182,23 @@ def run_watch(args: argparse.Namespace) -> int:
 
     from .captioner import Captioner
     from .sources import open_source
-    from .watch import JsonlWriter, SubtitleWriter, WatchOptions, watch
+    from .watch import WatchOptions, watch
 
+    if (args.snapshots or args.keep_days or args.max_disk_mb) and not args.archive:
+        print("edgecap: error: --snapshots, --keep-days and --max-disk-mb need --archive",
+              file=sys.stderr)
+        return 1
     source = open_source(args.source, timeout_s=args.timeout_s) if not Path(args.source).is_dir() \
         else open_source(args.source)
     captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
     generation = generation_from_args(args)
     captioner.options(**generation)  # fail on bad options before any writer opens a file
+    camera = args.camera or _default_camera(args)
     options = WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
                            heartbeat_s=args.heartbeat, changes_only=args.changes_only,
-                           realtime=args.realtime)
-    outputs = []  # every opened writer, closed (flushed) on the way out whatever happens
-    try:
-        path = args.out
-        outputs.append(JsonlWriter(path))  # JSON lines go to stdout without --out
-        for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")):
-            if path:
-                outputs.append(SubtitleWriter(path, kind))
-    except OSError as exc:
-        for writer in outputs:
-            writer.close()
-        print(f"edgecap: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+                           realtime=args.realtime, camera=camera)
+    outputs = _open_watch_outputs(args, camera)
+    if outputs is None:
         return 1
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -210,6 +220,41 @@ def run_watch(args: argparse.Namespace) -> int:
               + (f", read failed part way ({stats.read_errors}x)" if stats.read_errors else ""),
               file=sys.stderr)
     return 1 if stats.read_errors else 0  # a file that could not be read to its end
+
+
+def _default_camera(args: argparse.Namespace) -> str:
+    from .archive_writer import default_camera
+
+    return default_camera(args.source)
+
+
+def _open_watch_outputs(args: argparse.Namespace, camera: str) -> list | None:
+    """Every output watch writes, the archive first (a record is committed there before any
+    other output shows it); None after a one-line error, with what was opened closed again."""
+    from .watch import JsonlWriter, SubtitleWriter
+
+    outputs: list = []
+    path = args.archive
+    try:
+        if args.archive:
+            from .archive_writer import ArchiveWriter, Retention
+
+            outputs.append(ArchiveWriter(args.archive, camera, args.snapshots,
+                                         Retention(args.keep_days, args.max_disk_mb)))
+        path = args.out
+        outputs.append(JsonlWriter(path))  # JSON lines go to stdout without --out
+        for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")):
+            if path:
+                outputs.append(SubtitleWriter(path, kind))
+    except (OSError, EdgecapError) as exc:
+        for writer in outputs:
+            writer.close()
+        if isinstance(exc, EdgecapError):  # names its file and the problem itself
+            print(f"edgecap: error: {exc}", file=sys.stderr)
+        else:
+            print(f"edgecap: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    return outputs
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -15,11 +15,12 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 
 from .errors import OptionsError
 from .results import CaptionResult
@@ -33,6 +34,7 @@ class WatchOptions:
     heartbeat_s: float | None = None  # caption at least this often even without scene change
     changes_only: bool = False  # emit only when the caption text changes
     realtime: bool | None = None  # None: True for live sources, False for files
+    camera: str = ""  # a name for the source, carried by every record (archive, alerts)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class CaptionRecord:
     latency_ms: float  # frame received -> caption ready
     dropped: int  # frames dropped (stale) since the previous record
     reason: str  # "first", "scene" or "heartbeat"
+    camera: str = ""
+    image: Image.Image | None = field(default=None, repr=False)  # the frame, for snapshots
 
     @property
     def caption(self) -> str:
@@ -62,6 +66,8 @@ class CaptionRecord:
         record.update(stream_time=self.stream_time, wall_time=self.wall_time,
                       frame_index=self.frame_index, latency_ms=self.latency_ms,
                       dropped=self.dropped, reason=self.reason)
+        if self.camera:
+            record["camera"] = self.camera
         return record
 
 
@@ -229,7 +235,7 @@ class _Watch:
             result, stream_time=round(frame.timestamp, 4),
             wall_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             frame_index=frame.index, latency_ms=round((self.last_caption_at - received) * 1e3, 2),
-            dropped=dropped, reason=reason)
+            dropped=dropped, reason=reason, camera=self.options.camera, image=frame.image)
 
 
 # ---------------------------------------------------------------- outputs
