@@ -65,16 +65,20 @@ def register(commands) -> None:
         description="Caption every image of a split and score against all references. DATA is a "
         "Flickr8k folder (captions.txt, split_*.txt, images/) or a COCO-style captions JSON.",
     )
+    from edgecap.options import add_generation_arguments, add_runtime_arguments
+
     evaluate.add_argument("--data", type=Path, required=True, help="Flickr8k folder or COCO JSON")
     evaluate.add_argument("--images", type=Path, help="image folder for a COCO JSON")
     evaluate.add_argument("--split", default="test", help="train, dev or test (Flickr8k)")
     evaluate.add_argument("--model", type=Path, help="export directory (default: embedded model)")
-    evaluate.add_argument("--beams", type=int, dest="num_beams", help="beam width (1 = greedy)")
-    evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--limit", type=int, help="only the first N images")
-    evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    evaluate.add_argument("--invariance", action="store_true",
+                          help="also report the share of captions identical alone and in batches "
+                          "of 8 (captions every image twice more)")
     evaluate.add_argument("--out", type=Path, help="write metrics and captions as JSON here")
+    add_generation_arguments(evaluate)
+    add_runtime_arguments(evaluate, batch_size=16)
     evaluate.set_defaults(handler=run_eval)
 
 
