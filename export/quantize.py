@@ -3,7 +3,10 @@ int4 and fp16.
 
 * int8-dynamic: int8 weights for every MatMul (and the encoder's convolutions), activations
   quantized on the fly. The decoder step reads every weight once per token, so int8 weights cut
-  the bytes it moves by 4x.
+  the bytes it moves by 4x. Batch-invariant (batch_invariant.py): encoder activations are
+  quantized per row; decoder activations per row, or, with ``calibration``, with fixed scales
+  calibrated on those images (the fast choice). ORT's own dynamic quantization shares one
+  scale per tensor, i.e. across the batch, and captions then depended on their batch.
 * int8-block: the same int8 weights, stored in blocks with one scale per ``block_size`` inputs
   (``MatMulNBits`` at 8 bits, encoder and decoder). Activations are quantized inside the kernel
   per row and block, not per tensor, so a caption never depends on the other images of its
@@ -52,6 +55,8 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
     """Write a ``mode`` version of the fp32 export ``src`` into ``out`` (may equal ``src``).
 
     Args:
+        calibration: int8-static (required) and int8-dynamic (optional: calibrated decoder
+            activation scales): a folder of representative images.
         block_size: int4 and int8-block: weights per scale along the input dimension.
         exclude_nodes: node names (or name prefixes) kept in float, e.g. "/MatMul_LM" for the head.
         quantize_encoder: False keeps the encoder graph in fp32 (quantize only the decoder).
@@ -121,11 +126,24 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
         result = dataclasses.replace(manifest, quantization=info, encoder_file="encoder.onnx",
                                      decoder_file="decoder.onnx")
         result.write(staging)
+        if mode in ("int8-dynamic", "int4"):
+            result = _batch_invariant(staging, mode, calibration, calibration_count)
         out.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             shutil.copyfile(item, out / item.name)
     log.info("%s: %.1f MB -> %.1f MB", mode, info["fp32_bytes"] / 1e6, info["bytes"] / 1e6)
     return result
+
+
+def _batch_invariant(staging: Path, mode: str, calibration: Path | None, count: int) -> Manifest:
+    """No activation scale may span two rows of a batch (see batch_invariant.py): per-row
+    encoder; for int8-dynamic a calibrated decoder when a calibration folder is given (as fast
+    as the dynamic kernel), otherwise per-row (no data needed, slower at one row)."""
+    from .batch_invariant import make_batch_invariant
+
+    images = _calibration_images(calibration, count) if mode == "int8-dynamic" and calibration else None
+    make_batch_invariant(staging, images)
+    return Manifest.read(staging)
 
 
 def _size(path: Path) -> int:
