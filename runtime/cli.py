@@ -114,6 +114,9 @@ def _add_serve_parser(commands) -> None:
                        help="per-request timeout in seconds (default 30)")
     serve.add_argument("--max-body-mb", type=positive_float, default=20.0,
                        help="request body limit in MB (default 20)")
+    serve.add_argument("--archive", type=Path, metavar="DB",
+                       help="also serve this caption archive: GET /v1/events (search) and "
+                       "/v1/snapshots/ID, plus a search box on the demo page")
     add_generation_arguments(serve)  # the service's defaults; each request may override them
     add_runtime_arguments(serve)
     serve.set_defaults(handler=run_serve)
@@ -263,8 +266,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                         max_queue=args.max_queue, timeout_s=args.timeout_s,
                         max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads,
-                        device=args.device, generation=generation_from_args(args))
-    print(f"edgecap: serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+                        device=args.device, generation=generation_from_args(args),
+                        archive=args.archive)
     serve(settings, args.host, args.port)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class Settings:
     cpu_threads: int | None = None
     device: str = "cpu"
     generation: dict[str, Any] = field(default_factory=dict)
+    archive: str | Path | None = None  # a caption archive to search (GET /v1/events)
 
 
 class Metrics:
@@ -103,6 +105,7 @@ class CaptionService:
         self.ready = False
         self.captioner: Captioner | None = None
         self.batcher: MicroBatcher | None = None
+        self.archive = None  # ArchiveRoutes with --archive
 
     def reject(self, status: int, kind: str, message: str, headers=None) -> Rejected:
         return Rejected(error(status, kind, message, self.metrics, headers))
@@ -122,6 +125,8 @@ class CaptionService:
         yield
         self.ready = False
         await run_in_threadpool(self.batcher.stop)
+        if self.archive is not None:
+            self.archive.close()
 
     async def captions(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -204,58 +209,104 @@ class CaptionService:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document())
+        return JSONResponse(openapi_document(archive=self.archive is not None))
 
     async def demo(self, request: Request) -> Response:
         return HTMLResponse(DEMO_PAGE.read_text())
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The Starlette app; with ``settings.archive``, the archive's search endpoints too.
+
+    Raises:
+        ArchiveError: the archive cannot be opened (before the server binds its port).
+    """
     service = CaptionService(settings)
-    return Starlette(routes=[
+    routes = [
         Route("/v1/captions", service.captions, methods=["POST"]),
         Route("/healthz", service.healthz), Route("/readyz", service.readyz),
         Route("/metrics", service.prometheus), Route("/openapi.json", service.openapi),
         Route("/", service.demo),
-    ], lifespan=service.lifespan)
+    ]
+    if settings.archive is not None:
+        from .archive_routes import ArchiveRoutes
+
+        service.archive = ArchiveRoutes(settings.archive)
+        routes += service.archive.routes()
+    return Starlette(routes=routes, lifespan=service.lifespan)
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+    app = create_app(settings)  # a bad model or archive fails here, before the port is bound
+    print(f"edgecap: serving on http://{host}:{port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=int(settings.timeout_s) + 5)
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(archive: bool = False) -> dict[str, Any]:
     """The OpenAPI description; the option fields come from ``edgecap.options``."""
     image = {"type": "string", "format": "binary"}
     form = {"type": "object", "properties": {
         "image": {"type": "array", "items": image}, **openapi_form_properties()}}
+    paths = {"/v1/captions": {"post": _captions_operation(image, form)}, **HEALTH_PATHS}
+    if archive:
+        paths.update(ARCHIVE_PATHS)
+    return {"openapi": "3.0.3",
+            "info": {"title": "edgecap", "version": "1", "description": "Image captioning service"},
+            "paths": paths}
+
+
+def _captions_operation(image: dict, form: dict) -> dict[str, Any]:
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "edgecap", "version": "1", "description": "Image captioning service"},
-        "paths": {
-            "/v1/captions": {"post": {
-                "summary": "Caption one image (raw body) or several (multipart 'image' files)",
-                "parameters": openapi_parameters(),
-                "requestBody": {"content": {"image/*": {"schema": image},
-                                            "multipart/form-data": {"schema": form}}},
-                "responses": {
-                    "200": {"description": "one record (generated_text, score, token_ids, "
-                                           "latency_ms, source, status), or {results: [...]}"},
-                    "400": {"description": "bad request or options"},
-                    "413": {"description": "body too large"},
-                    "422": {"description": "image cannot be decoded (reason given)"},
-                    "503": {"description": "overloaded or loading; retry after Retry-After seconds"},
-                    "504": {"description": "timed out"},
-                },
-            }},
-            "/healthz": {"get": {"summary": "liveness",
-                                 "responses": {"200": {"description": "live"}}}},
-            "/readyz": {"get": {"summary": "model loaded and warm", "responses": {
-                "200": {"description": "ready"}, "503": {"description": "loading"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "responses": {"200": {"description": "text"}}}},
+        "summary": "Caption one image (raw body) or several (multipart 'image' files)",
+        "parameters": openapi_parameters(),
+        "requestBody": {"content": {"image/*": {"schema": image},
+                                    "multipart/form-data": {"schema": form}}},
+        "responses": {
+            "200": {"description": "one record (generated_text, score, token_ids, latency_ms, "
+                                   "source, status), or {results: [...]}"},
+            "400": {"description": "bad request or options"},
+            "413": {"description": "body too large"},
+            "422": {"description": "image cannot be decoded (reason given)"},
+            "503": {"description": "overloaded or loading; retry after Retry-After seconds"},
+            "504": {"description": "timed out"},
         },
     }
+
+
+HEALTH_PATHS = {
+    "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "live"}}}},
+    "/readyz": {"get": {"summary": "model loaded and warm", "responses": {
+        "200": {"description": "ready"}, "503": {"description": "loading"}}}},
+    "/metrics": {"get": {"summary": "Prometheus metrics",
+                         "responses": {"200": {"description": "text"}}}},
+}
+
+_TEXT = {"type": "string"}
+ARCHIVE_PATHS = {
+    "/v1/events": {"get": {
+        "summary": "Search archived captions (SQLite FTS5 syntax); hits of one camera merge into "
+                   "events unless frames=true",
+        "parameters": [
+            {"name": "q", "in": "query", "required": True, "schema": _TEXT,
+             "description": "FTS5 query: words, \"a phrase\", OR, NOT, prefix*"},
+            {"name": "camera", "in": "query", "schema": _TEXT},
+            {"name": "since", "in": "query", "schema": _TEXT,
+             "description": "ISO 8601 time or a duration before now (30m, 2h, 7d)"},
+            {"name": "until", "in": "query", "schema": _TEXT},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                        "maximum": 1000}},
+            {"name": "frames", "in": "query", "schema": {"type": "boolean"}},
+        ],
+        "responses": {"200": {"description": "{query, events: [...]} or {query, hits: [...]}"},
+                      "400": {"description": "malformed query or parameter (detail says which)"}},
+    }},
+    "/v1/snapshots/{id}": {"get": {
+        "summary": "The JPEG snapshot of an archived caption, by caption id",
+        "parameters": [{"name": "id", "in": "path", "required": True,
+                        "schema": {"type": "integer", "minimum": 1}}],
+        "responses": {"200": {"description": "image/jpeg"}, "404": {"description": "no such snapshot"}},
+    }},
+}
