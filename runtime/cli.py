@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 EXTRA_OF_MODULE = {
     "starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
     "prometheus_client": "serve", "av": "video", "optimum": "bench", "matplotlib": "bench",
+    "paho": "alerts",
 }
 
 
