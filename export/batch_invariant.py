@@ -228,7 +228,7 @@ def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] 
         ranges = decoder_activation_ranges(export_dir, calibration_images)  # with the new encoder
         calibrated_activations(decoder, ranges)
         record["decoder"] = "calibrated"
-        record["calibration_images"] = len(calibration_images)
+        record["calibration_images"] = [p.name for p in calibration_images]  # reproducible
     else:
         per_row_activations(decoder)
     onnx.save(decoder, str(decoder_path))

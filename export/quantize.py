@@ -9,11 +9,9 @@ int4 and fp16.
   scale per tensor, i.e. across the batch, and captions then depended on their batch.
 * int8-block: the same int8 weights, stored in blocks with one scale per ``block_size`` inputs
   (``MatMulNBits`` at 8 bits, encoder and decoder). Activations are quantized inside the kernel
-  per row and block, not per tensor, so a caption never depends on the other images of its
-  batch (with int8-dynamic the rows of a batch share one activation scale). Measured against
-  int8-dynamic: with the default model the same CIDEr at 0.87-1.0x the speed (slowest at batch
-  8); with ViT-base + GPT-2 0.63-0.88x, as the kernel is slow on many rows (the 197-token ViT
-  encoder: 122 vs 67 ms).
+  per row and block, so it is batch-invariant too, but its 8-bit kernel is slower than
+  int8-dynamic's on many rows (a ViT encoder's 197 tokens, batched decoder steps); the numbers
+  are in benchmarks/results/*invariance*.
 * int8-static: weights and activations int8 (QDQ), scales calibrated on a folder of images
   (encoder) and on the decoder steps those images produce; deterministic for a fixed set.
 * int4: the decoder's MatMul weights as 4-bit blocks (``MatMulNBits``, symmetric, one scale per

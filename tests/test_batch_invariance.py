@@ -105,3 +105,34 @@ def test_shipped_model_captions_each_image_the_same_in_any_batch(photos, num_bea
     assert_same_tokens_in_any_batch(captioner, photos, num_beams, max_new_tokens=20)
     if num_beams == 1:
         assert_rows_bitwise_independent(captioner, photos[:8])
+
+
+def test_serve_burst_returns_what_caption_prints(photos, capsys):
+    """A concurrent burst is micro-batched by `edgecap serve`; each image still gets exactly the
+    caption `edgecap caption IMG` prints for it alone."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgecap.cli import main
+    from test_server import Server, request
+
+    printed = {}
+    for photo in photos:
+        assert main(["caption", str(photo)]) == 0
+        printed[photo] = capsys.readouterr().out.strip()
+    server = Server(default_model_dir(), "--max-wait-ms", "50")
+    try:
+        with ThreadPoolExecutor(len(photos)) as pool:
+            replies = list(pool.map(
+                lambda p: request(server.url + "/v1/captions", p.read_bytes()), photos * 2))
+        metrics = request(server.url + "/metrics")[1]
+    finally:
+        assert server.stop() == 0
+    assert all(status == 200 for status, _, _ in replies)
+    served = [body["generated_text"] for _, body, _ in replies]
+    assert served == [printed[p] for p in photos * 2]
+    batched = [line for line in metrics.splitlines() if line.startswith("edgecap_batch_size_count")]
+    singles = [line for line in metrics.splitlines() if line.startswith('edgecap_batch_size_bucket{le="1.0"}')]
+    assert float(batched[0].split()[-1]) < len(photos) * 2, "the burst was never batched"
+    print(f"{len(replies)} requests in {batched[0].split()[-1]} batches ({singles})")
