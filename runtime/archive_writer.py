@@ -73,9 +73,12 @@ class ArchiveWriter:
             self.pruner.start()
 
     def add(self, record) -> None:
+        """Archive ``record`` (a watch ``CaptionRecord``); its snapshot path is set on it, so
+        the outputs after this one (JSON lines, alerts) can name the file."""
+        if self.snapshots is not None:
+            record.snapshot = self._snapshot(record)
         data = record.to_record()
-        data["camera"] = self.camera
-        data["snapshot"] = self._snapshot(record) if self.snapshots is not None else None
+        data["camera"] = record.camera or self.camera
         try:
             data["archive_id"] = self.archive.add(data)
         except ArchiveError as exc:  # e.g. another writer held the lock past the timeout
@@ -88,7 +91,8 @@ class ArchiveWriter:
         if image is None:
             return None
         stamp = record.wall_time.replace("-", "").replace(":", "").replace("+0000", "Z")
-        path = self.snapshots / f"{_safe(self.camera)}_{_safe(stamp)}_{record.frame_index}.jpg"
+        camera = _safe(record.camera or self.camera)
+        path = self.snapshots / f"{camera}_{_safe(stamp)}_{record.frame_index}.jpg"
         try:
             thumbnail = image.copy()
             thumbnail.thumbnail((SNAPSHOT_SIDE, SNAPSHOT_SIDE))

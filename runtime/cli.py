@@ -57,7 +57,13 @@ def _add_watch_parser(commands) -> None:
         "skips frames that look like the last captioned one. Output: JSON lines (stdout or "
         "--out), plus optional SRT/WebVTT subtitles. Ctrl-C / SIGTERM stop cleanly.",
     )
-    watch.add_argument("source")
+    watch.add_argument("source", nargs="?",
+                       help="video file, stream URL, camera device or folder (or use --config)")
+    watch.add_argument("--config", type=Path, metavar="TOML",
+                       help="many cameras, one model: a cameras.toml with [[camera]] and "
+                       "[[alert]] tables (see docs/alerts.md); replaces SOURCE")
+    watch.add_argument("--metrics-port", type=positive_int, metavar="PORT",
+                       help="serve per-camera Prometheus metrics on 127.0.0.1:PORT/metrics")
     watch.add_argument("--model", help="export directory (default: the embedded model)")
     watch.add_argument("--fps", type=positive_float,
                        help="at most this many captions per second (files: per second of video; "
@@ -92,7 +98,7 @@ def _add_watch_parser(commands) -> None:
                          "more than M MB")
     add_generation_arguments(watch)
     add_runtime_arguments(watch)
-    watch.set_defaults(handler=run_watch)
+    watch.set_defaults(handler=_run_watch)
 
 
 def _add_serve_parser(commands) -> None:
@@ -180,85 +186,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_watch(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+def _run_watch(args: argparse.Namespace) -> int:
+    from .watch_cli import run_watch
 
-    from .captioner import Captioner
-    from .sources import open_source
-    from .watch import WatchOptions, watch
-
-    if (args.snapshots or args.keep_days or args.max_disk_mb) and not args.archive:
-        print("edgecap: error: --snapshots, --keep-days and --max-disk-mb need --archive",
-              file=sys.stderr)
-        return 1
-    source = open_source(args.source, timeout_s=args.timeout_s) if not Path(args.source).is_dir() \
-        else open_source(args.source)
-    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
-    generation = generation_from_args(args)
-    captioner.options(**generation)  # fail on bad options before any writer opens a file
-    camera = args.camera or _default_camera(args)
-    options = WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
-                           heartbeat_s=args.heartbeat, changes_only=args.changes_only,
-                           realtime=args.realtime, camera=camera)
-    outputs = _open_watch_outputs(args, camera)
-    if outputs is None:
-        return 1
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}  # restored on the way out
-    count = 0
-    try:
-        for record in watch(source, captioner, options, stop, **generation):
-            for writer in outputs:
-                writer.add(record)
-            count += 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for writer in outputs:
-            writer.close()
-        stats = source.stats
-        print(f"edgecap: {count} captions, {stats.corrupt} corrupt frames skipped, "
-              f"{stats.damaged_packets} damaged packets, {stats.reconnects} reconnects"
-              + (f", read failed part way ({stats.read_errors}x)" if stats.read_errors else ""),
-              file=sys.stderr)
-    return 1 if stats.read_errors else 0  # a file that could not be read to its end
-
-
-def _default_camera(args: argparse.Namespace) -> str:
-    from .archive_writer import default_camera
-
-    return default_camera(args.source)
-
-
-def _open_watch_outputs(args: argparse.Namespace, camera: str) -> list | None:
-    """Every output watch writes, the archive first (a record is committed there before any
-    other output shows it); None after a one-line error, with what was opened closed again."""
-    from .watch import JsonlWriter, SubtitleWriter
-
-    outputs: list = []
-    path = args.archive
-    try:
-        if args.archive:
-            from .archive_writer import ArchiveWriter, Retention
-
-            outputs.append(ArchiveWriter(args.archive, camera, args.snapshots,
-                                         Retention(args.keep_days, args.max_disk_mb)))
-        path = args.out
-        outputs.append(JsonlWriter(path))  # JSON lines go to stdout without --out
-        for path, kind in ((args.srt, "srt"), (args.vtt, "vtt")):
-            if path:
-                outputs.append(SubtitleWriter(path, kind))
-    except (OSError, EdgecapError) as exc:
-        for writer in outputs:
-            writer.close()
-        if isinstance(exc, EdgecapError):  # names its file and the problem itself
-            print(f"edgecap: error: {exc}", file=sys.stderr)
-        else:
-            print(f"edgecap: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
-        return None
-    return outputs
+    return run_watch(args)
 
 
 def run_serve(args: argparse.Namespace) -> int:

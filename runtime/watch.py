@@ -50,6 +50,7 @@ class CaptionRecord:
     reason: str  # "first", "scene" or "heartbeat"
     camera: str = ""
     image: Image.Image | None = field(default=None, repr=False)  # the frame, for snapshots
+    snapshot: str | None = None  # set by the archive writer when it saved the frame
 
     @property
     def caption(self) -> str:
@@ -68,14 +69,17 @@ class CaptionRecord:
                       dropped=self.dropped, reason=self.reason)
         if self.camera:
             record["camera"] = self.camera
+        if self.snapshot:
+            record["snapshot"] = self.snapshot
         return record
 
 
 class LatestFrame:
     """One-slot mailbox: a new frame replaces an untaken one (counted as dropped)."""
 
-    def __init__(self, lossless: bool):
+    def __init__(self, lossless: bool, ready: threading.Event | None = None):
         self.lossless = lossless
+        self.ready = ready  # set on every put and close: wakes a scheduler that waits on many
         self.condition = threading.Condition()
         self.frame: Frame | None = None
         self.received = 0.0
@@ -91,6 +95,8 @@ class LatestFrame:
                 self.dropped += 1
             self.frame, self.received = frame, time.monotonic()
             self.condition.notify_all()
+        if self.ready is not None:
+            self.ready.set()
 
     def take(self, timeout: float = 0.1) -> tuple[Frame, float, int] | None:
         """(newest frame, when it arrived, frames dropped so far) or None after ``timeout``."""
@@ -107,6 +113,13 @@ class LatestFrame:
         with self.condition:
             self.closed = True
             self.condition.notify_all()
+        if self.ready is not None:
+            self.ready.set()
+
+    @property
+    def ended(self) -> bool:
+        """The source ended and its last frame was taken."""
+        return self.closed and self.frame is None
 
 
 def signature(frame: Frame) -> np.ndarray:
@@ -123,53 +136,86 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
         OptionsError: ``max_fps`` <= 0 or bad generation options, at the call, before any
             thread starts or the source is read.
     """
-    if options.max_fps is not None and not options.max_fps > 0:
-        raise OptionsError(f"max_fps must be > 0 (got {options.max_fps})")
-    generation_options = captioner.options(**generation)
-    return _Watch(source, captioner, options, generation_options, stop or threading.Event()).run()
+    feed = CameraFeed(source, options, captioner.options(**generation), stop or threading.Event())
+    return _watch_one(feed, captioner)
 
 
-class _Watch:
-    """One run of ``watch``: a reader thread fills the mailbox; ``run`` gates and captions."""
+def _watch_one(feed: CameraFeed, captioner) -> Iterator[CaptionRecord]:
+    feed.start()
+    try:
+        while not feed.stop.is_set():
+            feed.wait_for_cap()
+            taken = feed.mailbox.take()
+            if taken is None:
+                if feed.mailbox.ended:
+                    break
+                continue
+            chosen = feed.choose(*taken)
+            if chosen is None:
+                continue
+            result = captioner.caption_loaded([chosen.frame.image], feed.generation_options,
+                                              [feed.name_of(chosen.frame)])[0]
+            record = feed.finish(chosen, result)
+            if record is not None:
+                yield record
+    finally:
+        feed.stop.set()
+        feed.close()
+    feed.raise_reader_error()
 
-    def __init__(self, source, captioner, options: WatchOptions, generation_options, stop):
-        self.source, self.captioner, self.options = source, captioner, options
+
+@dataclass
+class Chosen:
+    """A frame the scene gate chose to caption, with what the record will need."""
+
+    frame: Frame
+    received: float  # monotonic arrival
+    dropped_so_far: int
+    reason: str
+    signature: np.ndarray
+
+
+class CameraFeed:
+    """One source: a reader thread keeps its newest frame in a mailbox; ``choose`` applies the
+    fps cap and the scene gate; ``finish`` turns a caption into the stream's record."""
+
+    def __init__(self, source, options: WatchOptions, generation_options, stop: threading.Event,
+                 ready: threading.Event | None = None):
+        if options.max_fps is not None and not options.max_fps > 0:
+            raise OptionsError(f"max_fps must be > 0 (got {options.max_fps})")
+        self.source, self.options = source, options
         self.generation_options, self.stop = generation_options, stop
         self.realtime = source.live if options.realtime is None else options.realtime
         self.is_folder = isinstance(source, FolderSource)
         self.label = str(getattr(source, "source", getattr(source, "folder", "")))
-        self.mailbox = LatestFrame(lossless=not self.realtime or self.is_folder)
+        self.mailbox = LatestFrame(lossless=not self.realtime or self.is_folder, ready=ready)
+        self.reader: threading.Thread | None = None
         self.reader_error: list[BaseException] = []
         self.min_gap_s = 1.0 / options.max_fps if options.max_fps else 0.0
         # Else: a file read losslessly, capped on its own clock.
-        self.wait_for_cap = self.realtime or self.is_folder
+        self.wait_for_cap_s = self.realtime or self.is_folder
         self.last_signature: np.ndarray | None = None
         self.last_text: str | None = None
         self.last_caption_at = -1e9  # monotonic time of the last caption
         self.last_caption_stream: float | None = None  # its stream time
         self.dropped_reported = 0
 
-    def run(self) -> Iterator[CaptionRecord]:
-        reader = threading.Thread(target=self._read, name="edgecap-reader", daemon=True)
-        reader.start()
-        try:
-            while not self.stop.is_set():
-                self._wait_for_cap()
-                taken = self.mailbox.take()
-                if taken is None:
-                    if self.mailbox.closed and self.mailbox.frame is None:
-                        break
-                    continue
-                record = self._consider(*taken)
-                if record is not None:
-                    yield record
-        finally:
-            self.stop.set()
-            self.source.stop()
-            reader.join(timeout=5)
+    def start(self) -> None:
+        self.reader = threading.Thread(target=self._read, name="edgecap-reader", daemon=True)
+        self.reader.start()
+
+    def close(self) -> None:
+        self.source.stop()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+
+    def raise_reader_error(self) -> None:
         error = self.reader_error[0] if self.reader_error else None
         if error is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise error
+
+    def name_of(self, frame: Frame) -> str:
+        return frame.name if self.is_folder else self.label
 
     def _read(self) -> None:
         began = None
@@ -188,23 +234,26 @@ class _Watch:
         finally:
             self.mailbox.close()
 
-    def _wait_for_cap(self) -> None:
-        """Wait out the --fps cap before taking a frame, so the one taken is the newest: frames
+    def cap_remaining(self) -> float:
+        """Seconds until the fps cap lets this feed caption again (0: now)."""
+        if not (self.min_gap_s and self.wait_for_cap_s):
+            return 0.0
+        return max(0.0, self.last_caption_at + self.min_gap_s - time.monotonic())
+
+    def wait_for_cap(self) -> None:
+        """Wait out the fps cap before taking a frame, so the one taken is the newest: frames
         that arrive meanwhile replace each other in the mailbox (counted as dropped), and a
         folder's files simply wait their turn (none is lost). Short slices, so a stop, or a
         source that ended with nothing left to caption, is noticed at once."""
-        if not (self.min_gap_s and self.wait_for_cap):
-            return
-        mailbox = self.mailbox
-        while not self.stop.is_set() and not (mailbox.closed and mailbox.frame is None):
-            remaining = self.last_caption_at + self.min_gap_s - time.monotonic()
+        while not self.stop.is_set() and not self.mailbox.ended:
+            remaining = self.cap_remaining()
             if remaining <= 0:
                 return
             self.stop.wait(min(remaining, 0.1))
 
     def _reason(self, frame: Frame, current: np.ndarray) -> str | None:
         """Why this frame is captioned ("first", "scene", "heartbeat"), or None to skip it."""
-        if self.min_gap_s and not self.wait_for_cap and self.last_caption_stream is not None \
+        if self.min_gap_s and not self.wait_for_cap_s and self.last_caption_stream is not None \
                 and frame.timestamp - self.last_caption_stream < self.min_gap_s - 1e-6:
             return None  # a file read losslessly: the cap is on the stream's own clock
         if self.last_signature is None:
@@ -217,25 +266,29 @@ class _Watch:
             return "heartbeat"
         return None
 
-    def _consider(self, frame: Frame, received: float, dropped_so_far: int) -> CaptionRecord | None:
+    def choose(self, frame: Frame, received: float, dropped_so_far: int) -> Chosen | None:
+        """The frame with why it is captioned, or None when the gate skips it."""
         current = signature(frame)
         reason = self._reason(frame, current)
-        if reason is None:
-            return None
-        name = frame.name if self.is_folder else self.label
-        result = self.captioner.caption_loaded([frame.image], self.generation_options, [name])[0]
+        return None if reason is None else Chosen(frame, received, dropped_so_far, reason, current)
+
+    def finish(self, chosen: Chosen, result: CaptionResult) -> CaptionRecord | None:
+        """The record of a captioned frame (None under changes_only when the text repeats)."""
         self.last_caption_at = time.monotonic()
-        self.last_signature, self.last_caption_stream = current, frame.timestamp
+        self.last_signature, self.last_caption_stream = chosen.signature, chosen.frame.timestamp
         if self.options.changes_only and result.text == self.last_text:
             return None
         self.last_text = result.text
         # Frames dropped between the previous captioned frame and this one.
-        dropped, self.dropped_reported = dropped_so_far - self.dropped_reported, dropped_so_far
+        dropped = chosen.dropped_so_far - self.dropped_reported
+        self.dropped_reported = chosen.dropped_so_far
         return CaptionRecord(
-            result, stream_time=round(frame.timestamp, 4),
+            result, stream_time=round(chosen.frame.timestamp, 4),
             wall_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            frame_index=frame.index, latency_ms=round((self.last_caption_at - received) * 1e3, 2),
-            dropped=dropped, reason=reason, camera=self.options.camera, image=frame.image)
+            frame_index=chosen.frame.index,
+            latency_ms=round((self.last_caption_at - chosen.received) * 1e3, 2),
+            dropped=dropped, reason=chosen.reason, camera=self.options.camera,
+            image=chosen.frame.image)
 
 
 # ---------------------------------------------------------------- outputs
