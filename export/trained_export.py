@@ -69,6 +69,8 @@ def public_training_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         if key.endswith("_dir") and isinstance(value, str):
             public[key] = name(value)
+        elif key.endswith("_dir") and isinstance(value, list):  # several --data folders
+            public[key] = [name(v) if isinstance(v, str) else v for v in value]
     if isinstance(config.get("command_line"), str):
         words = shlex.split(config["command_line"])
         public["command_line"] = shlex.join(name(word) for word in words)

@@ -1,8 +1,11 @@
-"""Training recipe for the default captioner on Flickr8k (frozen EfficientNet-Lite0 + small GPT-2).
+"""Training recipe for the default captioner: frozen EfficientNet-Lite + small GPT-2, on one or
+several caption folders at once, each caption started by its style token (see ``train_data``).
 
 Backbone features are computed once into an fp16 cache outside the repo, so each training step
-runs only the projection head and the decoder. Run as
-`python -m edgecap.export.training --data ../shared/data/flickr8k --out DIR` or `edgecap train`.
+runs only the projection head and the decoder. Every ``checkpoint_every`` steps and at each
+epoch's end the run's whole state goes to ``<out>/last.pt``, so a killed run continues with
+``--resume``. Run as ``edgecap train --data DIR [--data DIR ...] --out DIR`` or
+``python -m edgecap.export.training`` with the same options.
 """
 
 from __future__ import annotations
@@ -12,41 +15,27 @@ import json
 import math
 import random
 import re
-import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
-from transformers import GenerationConfig
 
-from .captioner_model import GPT2_EOS_ID, FeatureEncoder, build_decoder
+from .captioner_model import FeatureEncoder, build_decoder
+from .datasets import load_source
 # TrainConfig lives beside the CLI arguments, in a torch-free module; importable from here too.
-from .train_config import TrainConfig, add_train_arguments, config_from_args
-IMAGE_SIZE = (224, 224)
-PIXEL_MEAN, PIXEL_STD = 127.0, 128.0  # in 0..255 units, as the backbone was trained
-PREPROCESS = {
-    "size": list(IMAGE_SIZE),
-    "resample": "bilinear",
-    "rescale_factor": 1.0,
-    "mean": [PIXEL_MEAN] * 3,
-    "std": [PIXEL_STD] * 3,
-}
+from .train_config import TrainConfig, add_train_arguments, config_from_args, data_dirs
+from .train_data import (EOS_ID, SplitData, build_id_map, build_split, build_tokenizer,
+                         cached_features, feature_cache_dir, load_pixels, split_names,
+                         train_token_lists)
+from .train_state import RunState, load_state, record_config, save_model, save_state
 
+__all__ = ["TrainConfig", "train", "load_pixels", "main"]
 
-# ---------------------------------------------------------------- data
-
-
-def normalize_caption(text: str) -> str:
-    """Training target form: lower-case, no trailing ' .'."""
-    text = " ".join(text.lower().split())
-    return re.sub(r"\s*\.$", "", text).strip()
+# ---------------------------------------------------------------- model steps
 
 
 def metric_form(text: str) -> str:
@@ -54,58 +43,15 @@ def metric_form(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
 
 
-def load_captions(data_dir: Path) -> dict[str, list[str]]:
-    captions: dict[str, list[str]] = {}
-    for line in (data_dir / "captions.txt").read_text().splitlines():
-        if "\t" not in line:
-            continue
-        key, text = line.split("\t", 1)
-        captions.setdefault(key.split("#")[0], []).append(text.strip())
-    return captions
-
-
-def read_split(data_dir: Path, name: str) -> list[str]:
-    return [s.strip() for s in (data_dir / f"split_{name}.txt").read_text().splitlines() if s.strip()]
-
-
-def build_tokenizer(bpe_dir: Path) -> Tokenizer:
-    """The stock GPT-2 byte-level BPE tokenizer from encoder.json + vocab.bpe."""
-    tok = Tokenizer(models.BPE.from_file(str(bpe_dir / "encoder.json"), str(bpe_dir / "vocab.bpe")))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def load_pixels(path: Path) -> np.ndarray:
-    """PIL RGB -> 224x224 bilinear -> (x - 127) / 128, CHW float32."""
-    img = Image.open(path).convert("RGB")
-    if img.size != IMAGE_SIZE:
-        img = img.resize(IMAGE_SIZE, Image.BILINEAR)
-    x = (np.asarray(img, dtype=np.float32) - PIXEL_MEAN) / PIXEL_STD
-    return x.transpose(2, 0, 1)
-
-
-def cached_features(
-    names: list[str], images_dir: Path, cache_dir: Path, encoder: FeatureEncoder, batch: int = 32
-) -> torch.Tensor:
-    """(N, 49, 1280) fp16 backbone tokens, one `<image>.npy` per image in `cache_dir`."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    missing = [n for n in dict.fromkeys(names) if not (cache_dir / f"{n}.npy").exists()]
-    if missing:
-        encoder.eval()
-        bar = tqdm(total=len(missing), desc="features", file=sys.stderr, mininterval=10)
-        for i in range(0, len(missing), batch):
-            chunk = missing[i : i + batch]
-            pixels = torch.from_numpy(np.stack([load_pixels(images_dir / n) for n in chunk]))
-            with torch.inference_mode():
-                feats = encoder.backbone_features(pixels).to(torch.float16).numpy()
-            for n, f in zip(chunk, feats):
-                tmp = cache_dir / f"{n}.tmp.npy"  # atomic write: a killed run leaves no half file
-                np.save(tmp, f)
-                tmp.replace(cache_dir / f"{n}.npy")
-            bar.update(len(chunk))
-        bar.close()
-    return torch.from_numpy(np.stack([np.load(cache_dir / f"{n}.npy") for n in names]))
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and a mask of which next-token targets are real."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+    lens = torch.tensor([len(s) for s in seqs])
+    target_mask = torch.arange(width - 1)[None, :] < (lens[:, None] - 1)
+    return ids, target_mask
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list:
@@ -120,20 +66,6 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Gene
     return [batches[p] for p in perm]
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and a mask of which next-token targets are real."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-    lens = torch.tensor([len(s) for s in seqs])
-    target_mask = torch.arange(width - 1)[None, :] < (lens[:, None] - 1)
-    return ids, target_mask
-
-
-# ---------------------------------------------------------------- model steps
-
-
 def caption_loss(encoder, decoder, feats, ids, target_mask, label_smoothing=0.0) -> torch.Tensor:
     """Teacher-forced cross-entropy. Right padding + causal attention: pads never reach real
     tokens, so no attention mask is needed; the LM head runs only on real positions."""
@@ -144,24 +76,26 @@ def caption_loss(encoder, decoder, feats, ids, target_mask, label_smoothing=0.0)
 
 
 @torch.no_grad()
-def greedy_decode(encoder, decoder, feats, bos_eos_id: int, max_new_tokens: int = 20) -> list:
-    """KV-cached greedy decoding; returns pruned ids per image, without start/end tokens."""
+def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
+                  max_new_tokens: int = 20) -> list:
+    """KV-cached greedy decoding from each image's start (style) token; returns pruned ids per
+    image, without start/end tokens."""
     enc = encoder.project(feats.float())
-    batch = enc.shape[0]
-    tokens = torch.full((batch, 1), bos_eos_id, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
+    tokens = torch.tensor(start_ids, dtype=torch.long)[:, None]
+    done = torch.zeros(len(start_ids), dtype=torch.bool)
     past, out = None, []
     for _ in range(max_new_tokens):
-        step = decoder(input_ids=tokens, past_key_values=past, encoder_hidden_states=enc, use_cache=True)
+        step = decoder(input_ids=tokens, past_key_values=past, encoder_hidden_states=enc,
+                       use_cache=True)
         past = step.past_key_values
         tokens = step.logits[:, -1].argmax(-1, keepdim=True)
-        tokens[done] = bos_eos_id  # finished rows keep feeding EOS
-        done |= tokens[:, 0] == bos_eos_id
+        tokens[done] = eos_id  # finished rows keep feeding EOS
+        done |= tokens[:, 0] == eos_id
         out.append(tokens[:, 0])
         if done.all():
             break
     rows = torch.stack(out, 1).tolist()
-    return [r[: r.index(bos_eos_id)] if bos_eos_id in r else r for r in rows]
+    return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
 
 
 def cider_d(hypotheses: list[str], references: list[list[str]]) -> float:
@@ -181,180 +115,238 @@ def lr_at(step: int, base_lr: float, warmup: int, progress: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_model(out_dir, encoder, decoder, id_map, tokenizer, bos_eos_id: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(encoder.state_dict(), out_dir / "encoder.pt")
-    decoder.generation_config = GenerationConfig(
-        decoder_start_token_id=bos_eos_id,
-        bos_token_id=bos_eos_id,
-        eos_token_id=bos_eos_id,
-        pad_token_id=bos_eos_id,
-        num_beams=3,
-        max_new_tokens=20,
-        no_repeat_ngram_size=3,
-    )
-    decoder.save_pretrained(out_dir / "decoder")
-    (out_dir / "id_map.json").write_text(json.dumps(id_map))
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "preprocess.json").write_text(json.dumps(PREPROCESS, indent=2))
+def set_dropout(decoder, p: float) -> None:
+    """One dropout rate for the decoder's embeddings, attention and residuals (config too, so
+    a saved checkpoint records it)."""
+    decoder.config.embd_pdrop = decoder.config.attn_pdrop = decoder.config.resid_pdrop = p
+    for module in decoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+@torch.no_grad()
+def evaluate(encoder, decoder, dev: SplitData, tokenizer, id_map: list[int]) -> dict:
+    """Teacher-forced dev loss (no smoothing) and greedy CIDEr-D, each image decoded in its
+    own style."""
+    encoder.eval()
+    decoder.eval()
+    losses = []
+    for k in range(0, len(dev.rows), 128):
+        chunk = dev.rows[k : k + 128]
+        ids, mask = pad_batch([s for _, s in chunk], EOS_ID)
+        loss = caption_loss(encoder, decoder, dev.feats[[i for i, _ in chunk]], ids, mask)
+        losses.append((loss.item(), len(chunk)))
+    hyps = []
+    for k in range(0, len(dev.refs), 125):
+        for row in greedy_decode(encoder, decoder, dev.feats[k : k + 125],
+                                 dev.start_ids[k : k + 125], EOS_ID):
+            hyps.append(tokenizer.decode([id_map[t] for t in row]).strip())
+    return {"dev_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses),
+            "dev_cider": cider_d(hyps, dev.refs), "images": len(hyps), "sample": hyps[:3]}
 
 
 # ---------------------------------------------------------------- recipe
 
 
+def prepare_data(config: TrainConfig, tokenizer, encoder):
+    """Load every data folder; returns (train SplitData, [dev SplitData per scored folder],
+    id_map, the scored folders' names)."""
+    sources = [load_source(d) for d in data_dirs(config)]
+    cache_root = Path(config.cache_dir).expanduser()
+    train_names = [split_names(s, "train", config.max_train_images) for s in sources]
+    dev_names = [split_names(s, "dev", config.dev_images) for s in sources]
+    id_map = build_id_map(tokenizer, train_token_lists(sources, train_names, tokenizer))
+    to_pruned = {g: p for p, g in enumerate(id_map)}
+
+    def split(source, names):
+        cache = feature_cache_dir(cache_root, config.backbone, source.root)
+        feats = cached_features(names, source.images_dir, cache, encoder)
+        return build_split(source, names, tokenizer, to_pruned, config.max_caption_tokens, feats)
+
+    if not dev_names[0]:
+        raise ValueError(f"{sources[0].root}: the first --data folder needs dev images "
+                         "(they pick the best epoch)")
+    train_data = merge_splits([split(s, n) for s, n in zip(sources, train_names)])
+    # Folders without dev images are trained on but not scored.
+    scored = [(s, n) for s, n in zip(sources, dev_names) if n]
+    return train_data, [split(s, n) for s, n in scored], id_map, [s.name for s, _ in scored]
+
+
+def merge_splits(parts: list[SplitData]) -> SplitData:
+    """One split from several folders' (image indices shifted past the earlier folders)."""
+    rows, refs, starts, offset = [], [], [], 0
+    for part in parts:
+        rows += [(i + offset, seq) for i, seq in part.rows]
+        refs += part.refs
+        starts += part.start_ids
+        offset += len(part.refs)
+    feats = torch.cat([p.feats for p in parts if len(p.refs)])
+    return SplitData(feats, rows, refs, starts)
+
+
+def make_optimizer(encoder, decoder, config: TrainConfig):
+    """AdamW over the projection head and the decoder; decay on matrices only."""
+    head = [p for n, p in encoder.named_parameters() if not n.startswith("backbone.")]
+    params = head + list(decoder.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr), params
+
+
 def train(config: TrainConfig) -> dict:
-    """Train the captioner; write the best-dev-CIDEr checkpoint and logs into ``config.out_dir``.
+    """Train the captioner; write the best-dev-CIDEr checkpoint, logs and last.pt into
+    ``config.out_dir``. With ``config.resume`` continue from ``<out_dir>/last.pt``.
 
     Args:
         config: every setting of the run (see ``TrainConfig``); written to train_config.json.
     Returns:
-        dict with best_dev_cider, best_epoch, step_losses (every step's train loss) and history.
+        dict with best_dev_cider, best_epoch, step_losses (every step's train loss, over all
+        resumed parts) and history (one record per epoch).
     """
-    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
-    cache_dir = Path(config.cache_dir).expanduser()
-    bpe_dir = Path(config.bpe_dir) if config.bpe_dir else data_dir.parent / "gpt2-bpe"
+    out_dir = Path(config.out_dir)
+    bpe_dir = Path(config.bpe_dir) if config.bpe_dir else data_dirs(config)[0].parent / "gpt2-bpe"
     torch.set_num_threads(config.threads)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = sys.argv
-    if argv and argv[0].endswith("training.py"):  # `python -m` puts the file path in argv[0]
-        argv = ["-m", "edgecap.export.training"] + argv[1:]
-    recorded["command_line"] = config.command_line or shlex.join([sys.executable] + argv)
-    recorded["preprocess"] = PREPROCESS
-    (out_dir / "train_config.json").write_text(json.dumps(recorded, indent=2))
-    log_path = out_dir / "train_log.jsonl"
-    log_path.write_text("")
+    record_config(config, out_dir)
 
-    # Captions -> GPT-2 BPE (leading space), vocabulary pruned to the training captions.
     tokenizer = build_tokenizer(bpe_dir)
-    captions = load_captions(data_dir)
-    train_names = read_split(data_dir, "train")[:config.max_train_images]
-    dev_names = read_split(data_dir, "dev")[:config.dev_images]
-    gpt2_ids = {n: [tokenizer.encode(" " + normalize_caption(c)).ids for c in captions[n]]
-                for n in train_names + dev_names}
-    used = sorted({t for n in train_names for ids in gpt2_ids[n] for t in ids} - {GPT2_EOS_ID})
-    id_map = [GPT2_EOS_ID] + used  # pruned id 0 is EOS, the start/end/pad token
-    to_pruned = {g: p for p, g in enumerate(id_map)}
-    eos = 0
-
-    def sequences(names):
-        rows = []  # (image index, [EOS] + caption + [EOS]); tokens unseen in training dropped
-        for i, n in enumerate(names):
-            for ids in gpt2_ids[n]:
-                body = [to_pruned[t] for t in ids if t in to_pruned][:config.max_caption_tokens]
-                rows.append((i, [eos] + body + [eos]))
-        return rows
-
-    train_rows, dev_rows = sequences(train_names), sequences(dev_names)
-    dev_refs = [captions[n] for n in dev_names]
-
-    encoder = FeatureEncoder(config.n_embd, pretrained_backbone=True)
+    encoder = FeatureEncoder(config.n_embd, pretrained_backbone=True, backbone=config.backbone)
     encoder.backbone.requires_grad_(False)
     t0 = time.time()
-    train_feats = cached_features(train_names, data_dir / "images", cache_dir, encoder)
-    dev_feats = cached_features(dev_names, data_dir / "images", cache_dir, encoder)
-    print(f"features ready in {time.time() - t0:.0f}s: train {tuple(train_feats.shape)}, "
-          f"vocab {len(id_map)}, {len(train_rows)} train captions", file=sys.stderr, flush=True)
+    train_data, devs, id_map, source_names = prepare_data(config, tokenizer, encoder)
+    print(f"features ready in {time.time() - t0:.0f}s: train {tuple(train_data.feats.shape)}, "
+          f"vocab {len(id_map)}, {len(train_data.rows)} train captions from "
+          f"{', '.join(source_names)}", file=sys.stderr, flush=True)
 
-    decoder = build_decoder(len(id_map), config.n_layer, config.n_embd, config.n_head, eos)
-    head = [p for n, p in encoder.named_parameters() if not n.startswith("backbone.")]
-    params = head + list(decoder.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    decoder = build_decoder(len(id_map), config.n_layer, config.n_embd, config.n_head, EOS_ID)
+    set_dropout(decoder, config.dropout)
+    opt, params = make_optimizer(encoder, decoder, config)
     print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", file=sys.stderr)
+    state = RunState()
+    if config.resume:
+        state = load_state(out_dir / "last.pt", encoder, decoder, opt, id_map)
+        print(f"resumed at step {state.step} (epoch {state.epoch})", file=sys.stderr)
+    if state.stopped is None:
+        run_epochs(config, state, encoder, decoder, opt, params, train_data, devs, source_names,
+                   tokenizer, id_map)
+    return {"best_dev_cider": state.best, "best_epoch": state.best_epoch,
+            "step_losses": state.step_losses, "history": state.history}
 
-    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
-    total = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total = min(config.max_steps, total)
+
+def total_steps(config: TrainConfig, n_rows: int) -> int:
+    """Steps the lr schedule spans: every epoch, or ``max_steps`` when smaller."""
+    total = config.epochs * math.ceil(n_rows / config.batch_size)
+    return min(config.max_steps, total) if config.max_steps is not None else total
+
+
+def run_epochs(config, state: RunState, encoder, decoder, opt, params, train_data: SplitData,
+               devs: list[SplitData], source_names: list[str], tokenizer, id_map) -> None:
+    """Epochs from ``state.epoch`` on: train, score every folder's dev split, keep the best
+    checkpoint (by the first folder's dev CIDEr-D), save last.pt; stops early or on budget."""
+    out_dir = Path(config.out_dir)
+    total = total_steps(config, len(train_data.rows))
+    lengths = [len(s) for _, s in train_data.rows]
     gen = torch.Generator().manual_seed(config.seed)
-    lengths = [len(s) for _, s in train_rows]
-    step, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
-    step_losses, history = [], []
-    bar = tqdm(total=total, desc="train", file=sys.stderr, mininterval=10)
-    t_train = time.time()
-    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
-    out_of_time = False
-    for epoch in range(1, config.epochs + 1):
-        encoder.train()
-        decoder.train()
-        epoch_losses = []
-        for batch in length_bucketed_batches(lengths, config.batch_size, gen):
-            # Progress runs on steps, or on wall-clock when a time budget is set and tighter
-            # (the CPU is shared): the cosine then still ends at 0 when the budget does.
-            progress = max(0.0, step - config.warmup_steps) / max(1, total - config.warmup_steps)
-            if budget_s:
-                progress = max(progress, (time.time() - t_train) / budget_s)
-            if step >= total or progress >= 1.0:
-                out_of_time = True
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, config.lr, config.warmup_steps, progress)
-            ids, mask = pad_batch([train_rows[j][1] for j in batch], eos)
-            feats = train_feats[[train_rows[j][0] for j in batch]]
-            # bf16 autocast: fp32 master weights, bf16 matmuls (avx512_bf16 CPUs run them ~2x).
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                loss = caption_loss(encoder, decoder, feats, ids, mask, config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            step_losses.append(loss.item())
-            epoch_losses.append(loss.item())
-            bar.update(1)
-            if config.log_every and step % config.log_every == 0:
-                recent = np.mean(step_losses[-config.log_every:])
-                rate = (time.time() - t_train) / step
-                tqdm.write(f"step {step}/{total} loss {recent:.3f} lr {g['lr']:.2e} "
-                           f"{rate:.2f}s/step", file=sys.stderr)
-
-        # Dev: teacher-forced loss and greedy-decoded CIDEr-D on `dev_images` images.
-        encoder.eval()
-        decoder.eval()
-        with torch.no_grad():
-            dev_losses = []
-            for k in range(0, len(dev_rows), 128):
-                chunk = dev_rows[k : k + 128]
-                ids, mask = pad_batch([s for _, s in chunk], eos)
-                feats = dev_feats[[i for i, _ in chunk]]
-                dev_losses.append((caption_loss(encoder, decoder, feats, ids, mask).item(), len(chunk)))
-            dev_loss = sum(l * n for l, n in dev_losses) / sum(n for _, n in dev_losses)
-            hyps = []
-            for k in range(0, len(dev_names), 125):
-                for row in greedy_decode(encoder, decoder, dev_feats[k : k + 125], eos):
-                    hyps.append(tokenizer.decode([id_map[t] for t in row]).strip())
-        dev_cider = cider_d(hyps, dev_refs)
-        record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(epoch_losses)),
-                  "dev_loss": dev_loss, "dev_cider": dev_cider,
-                  "elapsed_s": round(time.time() - t0, 1), "sample": hyps[:3]}
-        history.append(record)
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.3f} dev loss {dev_loss:.3f} "
-                   f"dev CIDEr-D {dev_cider:.3f} | {hyps[0]!r}", file=sys.stderr)
-        if dev_cider > best:
-            best, best_epoch, bad_epochs = dev_cider, epoch, 0
-            save_model(out_dir, encoder, decoder, id_map, tokenizer, eos)
-            (out_dir / "metrics.json").write_text(json.dumps(
-                {"best_dev_cider": best, "best_epoch": epoch, "dev_images": len(dev_names),
-                 "decoding": "greedy, max 20 tokens", "dev_loss": dev_loss}, indent=2))
-        else:
-            bad_epochs += 1
-            if bad_epochs >= config.patience:
-                tqdm.write(f"early stop: no dev CIDEr gain for {config.patience} epochs",
-                           file=sys.stderr)
-                break
-        if out_of_time or step >= total:
-            break
+    bar = tqdm(total=total, initial=state.step, desc="train", file=sys.stderr, mininterval=10)
+    while state.epoch <= config.epochs and state.step < total and state.stopped is None:
+        if state.order_state is None:  # a new epoch: its batch order starts from here
+            state.order_state = gen.get_state()
+        gen.set_state(state.order_state)
+        batches = length_bucketed_batches(lengths, config.batch_size, gen)
+        out_of_time = train_batches(config, state, encoder, decoder, opt, params, train_data,
+                                    batches, total, bar, id_map)
+        scores = [evaluate(encoder, decoder, dev, tokenizer, id_map) for dev in devs]
+        end_epoch(config, state, scores, source_names, out_dir, encoder, decoder, id_map,
+                  tokenizer)
+        if out_of_time and state.stopped is None:
+            state.stopped = "out of budget"
+        state.order_state = gen.get_state()  # the next epoch's order, as an unbroken run's
+        save_state(out_dir / "last.pt", state, encoder, decoder, opt, id_map)
     bar.close()
-    return {"best_dev_cider": best, "best_epoch": best_epoch, "step_losses": step_losses,
-            "history": history}
+
+
+def train_batches(config, state: RunState, encoder, decoder, opt, params, data: SplitData,
+                  batches: list, total: int, bar, id_map) -> bool:
+    """Train the epoch's batches from ``state.batch_in_epoch`` on; True when the time budget
+    ran out (the run is over then: its lr schedule has decayed to 0)."""
+    encoder.train()
+    decoder.train()
+    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
+    started, seconds_before = time.time(), state.train_seconds
+    for k in range(state.batch_in_epoch, len(batches)):
+        # Progress runs on steps, or on wall-clock when a time budget is set and tighter
+        # (the CPU is shared): the cosine then still ends at 0 when the budget does.
+        progress = max(0.0, state.step - config.warmup_steps) / max(1, total - config.warmup_steps)
+        state.train_seconds = seconds_before + time.time() - started
+        if budget_s:
+            progress = max(progress, state.train_seconds / budget_s)
+        if state.step >= total:
+            return False
+        if progress >= 1.0:
+            return True
+        lr = lr_at(state.step, config.lr, config.warmup_steps, progress)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = batches[k]
+        ids, mask = pad_batch([data.rows[j][1] for j in batch], EOS_ID)
+        feats = data.feats[[data.rows[j][0] for j in batch]]
+        # bf16 autocast: fp32 master weights, bf16 matmuls (avx512_bf16 CPUs run them ~2x).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = caption_loss(encoder, decoder, feats, ids, mask, config.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state.step, state.batch_in_epoch = state.step + 1, k + 1
+        state.step_losses.append(loss.item())
+        state.epoch_losses.append(loss.item())
+        bar.update(1)
+        if config.log_every and state.step % config.log_every == 0:
+            recent = np.mean(state.step_losses[-config.log_every:])
+            tqdm.write(f"step {state.step}/{total} loss {recent:.3f} lr {lr:.2e}", file=sys.stderr)
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            state.train_seconds = seconds_before + time.time() - started
+            save_state(Path(config.out_dir) / "last.pt", state, encoder, decoder, opt, id_map)
+    state.train_seconds = seconds_before + time.time() - started
+    return False
+
+
+def end_epoch(config, state: RunState, scores: list[dict], source_names: list[str],
+              out_dir: Path, encoder, decoder, id_map, tokenizer) -> None:
+    """Log the epoch, keep the checkpoint if the first folder's dev CIDEr-D improved, decide
+    on early stopping, and move the state to the next epoch."""
+    main_score = scores[0]
+    record = {"epoch": state.epoch, "step": state.step,
+              "train_loss": float(np.mean(state.epoch_losses)) if state.epoch_losses else None,
+              "dev_loss": main_score["dev_loss"], "dev_cider": main_score["dev_cider"],
+              "dev_by_source": {name: {"dev_loss": s["dev_loss"], "dev_cider": s["dev_cider"]}
+                                for name, s in zip(source_names, scores)},
+              "train_seconds": round(state.train_seconds, 1), "sample": main_score["sample"]}
+    state.history.append(record)
+    with (out_dir / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    by_source = " ".join(f"{n} {s['dev_cider']:.3f}" for n, s in zip(source_names, scores))
+    tqdm.write(f"epoch {state.epoch}: train loss {record['train_loss']} dev loss "
+               f"{record['dev_loss']:.3f} dev CIDEr-D {by_source} | {main_score['sample'][:1]}",
+               file=sys.stderr)
+    if main_score["dev_cider"] > state.best:
+        state.best, state.best_epoch, state.bad_epochs = main_score["dev_cider"], state.epoch, 0
+        save_model(out_dir, encoder, decoder, id_map, tokenizer)
+        (out_dir / "metrics.json").write_text(json.dumps(
+            {"best_dev_cider": state.best, "best_epoch": state.epoch,
+             "dev_source": source_names[0], "dev_images": main_score["images"],
+             "decoding": "greedy, max 20 tokens", "dev_loss": main_score["dev_loss"],
+             "dev_by_source": record["dev_by_source"]}, indent=2))
+    else:
+        state.bad_epochs += 1
+        if state.bad_epochs >= config.patience:
+            tqdm.write(f"early stop: no dev CIDEr gain for {config.patience} epochs",
+                       file=sys.stderr)
+            state.stopped = "early stop"
+    state.epoch, state.batch_in_epoch, state.epoch_losses = state.epoch + 1, 0, []
 
 
 # ---------------------------------------------------------------- CLI
