@@ -1,4 +1,4 @@
-"""One MQTT broker connection for alerts and per-camera state (paho-mqtt 2.x, the ``[alerts]`` extra).
+"""One MQTT broker connection for alerts and per-camera state (paho-mqtt 2.x, [alerts] extra).
 
 paho's network thread (``loop_start``) connects, reconnects with backoff and resends QoS 1
 messages that were unacknowledged when the connection dropped. Alerts wait in our own bounded

@@ -15,8 +15,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Union
+from typing import ClassVar
 
 log = logging.getLogger("edgecap.alerts")
 COUNTS = ("sent", "dropped", "failed", "queued")
@@ -74,7 +75,7 @@ class MqttTarget:
     kind: ClassVar[str] = "mqtt"
 
 
-Target = Union[CommandTarget, WebhookTarget, MqttTarget]
+Target = CommandTarget | WebhookTarget | MqttTarget
 
 
 @dataclass
@@ -192,19 +193,39 @@ class DeliveryQueue:
 
 
 def run_command(delivery: Delivery, abort: threading.Event) -> None:
-    """Run the command with the record on stdin; a non-zero exit is a failed delivery."""
+    """Run the command with the record on stdin; a non-zero exit is a failed delivery. The
+    command is killed after its timeout, or at once when ``abort`` is set (closing)."""
     target = delivery.target
     assert isinstance(target, CommandTarget)
     try:
-        proc = subprocess.run(list(target.argv), input=delivery.body, capture_output=True,
-                              timeout=target.timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DeliveryError(f"{target.argv[0]}: killed after {target.timeout_s:g} s") from None
+        proc = subprocess.Popen(list(target.argv), stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     except OSError as exc:
         raise DeliveryError(f"{target.argv[0]}: {exc.strerror or exc}") from None
+    with proc:
+        stderr = _communicate(proc, delivery.body, target.timeout_s, abort)
+    if stderr is None:
+        raise DeliveryError(f"{target.argv[0]}: killed after {target.timeout_s:g} s"
+                            if not abort.is_set() else f"{target.argv[0]}: killed at exit")
     if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip()[-300:]
+        tail = stderr.decode(errors="replace").strip()[-300:]
         raise DeliveryError(f"{target.argv[0]}: exit status {proc.returncode}: {tail}")
+
+
+def _communicate(proc: subprocess.Popen, body: bytes, timeout_s: float,
+                 abort: threading.Event) -> bytes | None:
+    """The command's stderr once it exits, or None when it had to be killed."""
+    deadline = time.monotonic() + timeout_s
+    body_or_none: bytes | None = body  # communicate() takes the input only on its first call
+    while True:
+        try:
+            return proc.communicate(body_or_none, timeout=0.1)[1]
+        except subprocess.TimeoutExpired:
+            body_or_none = None
+        if abort.is_set() or time.monotonic() > deadline:
+            proc.kill()
+            proc.communicate()
+            return None
 
 
 def post_webhook(delivery: Delivery, abort: threading.Event) -> None:

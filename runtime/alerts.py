@@ -20,11 +20,22 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from .alert_targets import (AlertStats, CommandTarget, Delivery, DeliveryQueue, MqttBroker,
-                            MqttTarget, Target, WebhookTarget, post_webhook, run_command)
+from .alert_targets import (
+    AlertStats,
+    CommandTarget,
+    Delivery,
+    DeliveryQueue,
+    MqttBroker,
+    MqttTarget,
+    Target,
+    WebhookTarget,
+    post_webhook,
+    run_command,
+)
 from .errors import EdgecapError
 
 __all__ = ["AlertError", "AlertRule", "Alerts", "CaptionMatcher", "CommandTarget", "MqttBroker",

@@ -14,13 +14,14 @@ import argparse
 import difflib
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .alerts import DEFAULT_COOLDOWN_S, AlertError, AlertRule, check_fts_query, parse_clock
+import tomllib
+
 from .alert_targets import CommandTarget, MqttBroker, MqttTarget, WebhookTarget
+from .alerts import DEFAULT_COOLDOWN_S, AlertError, AlertRule, check_fts_query, parse_clock
 from .errors import EdgecapError
 from .options import GENERATION, OptionsError
 
@@ -317,7 +318,7 @@ def _broker(table: _Table, default: MqttBroker | None) -> MqttBroker:
     """Broker settings from ``table``, each unset one taken from ``default`` ([mqtt])."""
     base = default or MqttBroker()
     password = table.secret_env("password_env") or table.secret_file("password_file")
-    values = dict(host=table.text("host"), port=table.integer("port", 1, 65535),
+    values = dict(host=table.text("host"), port=table.integer("port", 1, 65535),  # noqa: C408
                   username=table.text("username"), password=password,
                   client_id=table.text("client_id"),
                   keepalive_s=table.integer("keepalive_s", 5, 65535),
