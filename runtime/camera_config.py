@@ -126,7 +126,7 @@ class _KeyLines:
         for end in range(len(keys), -1, -1):
             if (block, keys[:end]) in self.lines:
                 return self.lines[(block, keys[:end])]
-        return 1
+        return self.lines.get(((), block[:1]), 1)  # camera = [{...}]: an inline array of tables
 
 
 class _Table:
