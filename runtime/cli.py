@@ -123,9 +123,30 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--archive", type=Path, metavar="DB",
                        help="also serve this caption archive: GET /v1/events (search) and "
                        "/v1/snapshots/ID, plus a search box on the demo page")
+    _add_serve_security_arguments(serve)
     add_generation_arguments(serve)  # the service's defaults; each request may override them
     add_runtime_arguments(serve)
     serve.set_defaults(handler=run_serve)
+
+
+def _add_serve_security_arguments(serve) -> None:
+    security = serve.add_argument_group(
+        "security", "A --host other than loopback needs --api-key-file (or EDGECAP_API_KEY) or "
+        "--no-auth. See docs/serve.md.")
+    security.add_argument("--api-key-file", type=Path, metavar="FILE",
+                          help="API keys, one a line (# comments); clients send 'Authorization: "
+                          "Bearer KEY' to every /v1/ endpoint")
+    security.add_argument("--no-auth", action="store_true",
+                          help="serve a non-loopback --host without API keys (only behind a "
+                          "proxy that authenticates)")
+    security.add_argument("--allowed-host", action="append", metavar="NAME",
+                          help="also answer requests for this Host name (repeatable; loopback "
+                          "binds answer only loopback names by default)")
+    security.add_argument("--tls-cert", type=Path, metavar="PEM",
+                          help="serve HTTPS with this certificate chain (needs --tls-key)")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's key")
+    security.add_argument("--max-connections", type=positive_int, default=128,
+                          help="open connections before new ones get 503 (default 128)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 EXTRA_OF_MODULE = {
     "starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
     "prometheus_client": "serve", "av": "video", "optimum": "bench", "matplotlib": "bench",
-    "paho": "alerts",
+    "paho": "alerts", "ray": "ray",
 }
 
 
@@ -193,13 +214,25 @@ def _run_watch(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .serve_security import UnsafeBind, bind_policy, is_loopback, load_api_keys
     from .server import Settings, serve
 
+    try:
+        policy = bind_policy(args.host, load_api_keys(args.api_key_file), args.no_auth,
+                             args.allowed_host)
+    except UnsafeBind as exc:  # a usage error: exit 2, like argparse
+        print(f"edgecap serve: error: {exc}", file=sys.stderr)
+        return 2
+    if policy.api_keys and args.tls_cert is None and not is_loopback(args.host):
+        print("edgecap: warning: API keys cross the network in clear text without --tls-cert",
+              file=sys.stderr)
     settings = Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                         max_queue=args.max_queue, timeout_s=args.timeout_s,
                         max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads,
                         device=args.device, generation=generation_from_args(args),
-                        archive=args.archive)
+                        archive=args.archive, api_keys=policy.api_keys,
+                        allowed_hosts=policy.allowed_hosts, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, max_connections=args.max_connections)
     serve(settings, args.host, args.port)
     return 0
 

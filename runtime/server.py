@@ -3,7 +3,8 @@
 Starlette on uvicorn. Requests decode their image in a worker thread, then wait on a bounded
 micro-batching queue served by one inference thread. A full queue answers 503 + Retry-After at
 once; bad images answer 4xx with the reason; SIGTERM stops accepting, finishes every accepted
-request, then exits (uvicorn's graceful shutdown, then the queue is drained).
+request, then exits (uvicorn's graceful shutdown, then the queue is drained). API keys, Host and
+Origin checks and security headers are one ASGI layer in front of every route (serve_security).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -29,6 +31,7 @@ from .captioner import Captioner
 from .errors import ImageError, OptionsError
 from .options import generation_from_fields, openapi_form_properties, openapi_parameters
 from .preprocess import decode_image
+from .serve_security import Guard, Policy, SecurityConfigError, page_csp
 
 DEMO_PAGE = (Path(__file__).parent / "demo.html")
 
@@ -48,6 +51,11 @@ class Settings:
     device: str = "cpu"
     generation: dict[str, Any] = field(default_factory=dict)
     archive: str | Path | None = None  # a caption archive to search (GET /v1/events)
+    api_keys: tuple[str, ...] = ()  # with keys, every request outside OPEN_PATHS needs one
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered (None: any)
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
+    tls_key: Path | None = None
+    max_connections: int = 128  # beyond it uvicorn answers 503 before reading the request
 
 
 class Metrics:
@@ -73,20 +81,31 @@ def error(status: int, kind: str, message: str, metrics: Metrics, headers=None) 
     return JSONResponse({"error": kind, "detail": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | None:
+    """The request body, or None as soon as it exceeds ``limit`` bytes.
+
+    Raises:
+        asyncio.TimeoutError: the body did not arrive within ``timeout_s`` (a client trickling
+            bytes would otherwise hold its connection and its memory forever).
+    """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         return None
+    body = await asyncio.wait_for(_stream_body(request, limit), timeout_s)
+    if body is None:
+        return None
+    request._body = body  # Starlette re-reads a cached body when parsing multipart forms
+    return body
+
+
+async def _stream_body(request: Request, limit: int) -> bytes | None:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             return None
         chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette re-reads a cached body when parsing multipart forms
-    return body
+    return b"".join(chunks)
 
 
 class Rejected(Exception):
@@ -106,6 +125,8 @@ class CaptionService:
         self.captioner: Captioner | None = None
         self.batcher: MicroBatcher | None = None
         self.archive = None  # ArchiveRoutes with --archive
+        self.demo_page = DEMO_PAGE.read_text()
+        self.demo_csp = page_csp(self.demo_page)  # only the page's own inline script and style
 
     def reject(self, status: int, kind: str, message: str, headers=None) -> Rejected:
         return Rejected(error(status, kind, message, self.metrics, headers))
@@ -150,15 +171,19 @@ class CaptionService:
 
     async def _read_request(self, request: Request) -> tuple[dict, list[tuple[str, bytes]]]:
         """(option fields, [(name, image bytes)]) from a raw-image or multipart request."""
-        limit = self.settings.max_body_bytes
-        body = await read_body(request, limit)
+        limit, timeout = self.settings.max_body_bytes, self.settings.timeout_s
+        try:
+            body = await read_body(request, limit, timeout)
+        except asyncio.TimeoutError:
+            raise self.reject(408, "body_timeout", f"body not received within {timeout} s") from None
         if body is None:
             raise self.reject(413, "too_large", f"body exceeds {limit} bytes")
         params = dict(request.query_params)
         uploads: list[tuple[str, bytes]] = []
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             try:
-                form = await request.form(max_files=self.settings.max_images)
+                # Few fields: a request has one per option; thousands would be parsing work.
+                form = await request.form(max_files=self.settings.max_images, max_fields=64)
             except Exception as exc:  # noqa: BLE001 - malformed multipart
                 raise self.reject(400, "bad_request", f"malformed multipart body ({exc})") from None
             for key, value in form.multi_items():
@@ -209,10 +234,16 @@ class CaptionService:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document(archive=self.archive is not None))
+        return JSONResponse(openapi_document(archive=self.archive is not None,
+                                             api_keys=bool(self.settings.api_keys)))
 
     async def demo(self, request: Request) -> Response:
-        return HTMLResponse(DEMO_PAGE.read_text())
+        return HTMLResponse(self.demo_page, headers={"Content-Security-Policy": self.demo_csp})
+
+    def count_refusal(self, status: int, kind: str) -> None:
+        """Metrics for a request the security layer refused before any handler ran."""
+        self.metrics.errors.labels(kind).inc()
+        self.metrics.requests.labels(str(status)).inc()
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -233,19 +264,48 @@ def create_app(settings: Settings) -> Starlette:
 
         service.archive = ArchiveRoutes(settings.archive)
         routes += service.archive.routes()
-    return Starlette(routes=routes, lifespan=service.lifespan)
+    policy = Policy(api_keys=settings.api_keys, allowed_hosts=settings.allowed_hosts)
+    guard = Middleware(Guard, policy=policy, on_reject=service.count_refusal)
+    return Starlette(routes=routes, lifespan=service.lifespan, middleware=[guard])
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the service until SIGTERM/SIGINT.
+
+    Raises:
+        ArchiveError, SecurityConfigError: bad settings, found before the port is bound.
+    """
     import uvicorn
 
     app = create_app(settings)  # a bad model or archive fails here, before the port is bound
-    print(f"edgecap: serving on http://{host}:{port}", file=sys.stderr, flush=True)
+    tls = _tls_files(settings)
+    scheme = "https" if tls else "http"
+    print(f"edgecap: serving on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+                timeout_graceful_shutdown=int(settings.timeout_s) + 5,
+                server_header=False,  # no version banner for scanners
+                limit_concurrency=settings.max_connections, **tls)
 
 
-def openapi_document(archive: bool = False) -> dict[str, Any]:
+def _tls_files(settings: Settings) -> dict[str, str]:
+    """uvicorn's ssl_* arguments, after checking that the certificate and key load together."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        return {}
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise SecurityConfigError("TLS needs both --tls-cert and --tls-key")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SecurityConfigError(
+            f"cannot load --tls-cert {settings.tls_cert} with --tls-key {settings.tls_key} "
+            f"({exc})") from None
+    return {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+
+
+def openapi_document(archive: bool = False, api_keys: bool = False) -> dict[str, Any]:
     """The OpenAPI description; the option fields come from ``edgecap.options``."""
     image = {"type": "string", "format": "binary"}
     form = {"type": "object", "properties": {
@@ -253,9 +313,22 @@ def openapi_document(archive: bool = False) -> dict[str, Any]:
     paths = {"/v1/captions": {"post": _captions_operation(image, form)}, **HEALTH_PATHS}
     if archive:
         paths.update(ARCHIVE_PATHS)
-    return {"openapi": "3.0.3",
-            "info": {"title": "edgecap", "version": "1", "description": "Image captioning service"},
-            "paths": paths}
+    document = {"openapi": "3.0.3",
+                "info": {"title": "edgecap", "version": "1",
+                         "description": "Image captioning service"},
+                "paths": paths}
+    if api_keys:  # the demo page reads this to ask for a key
+        document["components"] = {"securitySchemes": {"apiKey": {"type": "http",
+                                                                 "scheme": "bearer"}}}
+        document["paths"] = {path: {method: _keyed(op) for method, op in ops.items()}
+                             if path.startswith("/v1/") else ops for path, ops in paths.items()}
+    return document
+
+
+def _keyed(operation: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``operation`` that needs the API key (the module's path tables stay as they are)."""
+    responses = {**operation["responses"], "401": {"description": "missing or wrong API key"}}
+    return {**operation, "security": [{"apiKey": []}], "responses": responses}
 
 
 def _captions_operation(image: dict, form: dict) -> dict[str, Any]:
@@ -268,6 +341,7 @@ def _captions_operation(image: dict, form: dict) -> dict[str, Any]:
             "200": {"description": "one record (generated_text, score, token_ids, latency_ms, "
                                    "source, status), or {results: [...]}"},
             "400": {"description": "bad request or options"},
+            "408": {"description": "body not received within the timeout"},
             "413": {"description": "body too large"},
             "422": {"description": "image cannot be decoded (reason given)"},
             "503": {"description": "overloaded or loading; retry after Retry-After seconds"},
