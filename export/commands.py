@@ -31,10 +31,12 @@ def register(commands) -> None:
     export.set_defaults(handler=run_export)
 
     train = commands.add_parser(
-        "train", help="train the default captioner on Flickr8k (needs [export] extra)",
-        description="Train an EfficientNet-Lite0 + GPT-2 captioner with teacher-forced "
-        "cross-entropy; writes a checkpoint directory that `edgecap export-trained` turns into "
-        "an export.",
+        "train", help="train a captioner on caption folders (needs [export] extra)",
+        description="Train a frozen EfficientNet-Lite + small GPT-2 captioner with "
+        "teacher-forced cross-entropy on one or several data folders (Flickr8k's layout, or "
+        "images/ + captions.tsv or captions.jsonl; see docs/training.md), each caption started "
+        "by its style token; writes a checkpoint directory that `edgecap export-trained` turns "
+        "into an export. --resume continues a killed run.",
     )
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
