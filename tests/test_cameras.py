@@ -133,3 +133,57 @@ def test_config_errors_name_file_line_and_key(tiny_export, videos, tmp_path, cap
     assert len(err) == 1 and f"{config}:4" in err[0] and "fsp" in err[0], err
     assert main(["watch", str(videos["door"]), "--config", str(config)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+class Hooks:
+    """A webhook receiver on 127.0.0.1 that keeps every JSON body it is sent."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_an_alert_rule_fires_once_per_event_through_watch(tmp_path, capsys):
+    """The default model captions four scenes; a rule on a word of scene 2 only, with a
+    heartbeat captioning that scene several times, posts exactly one alert."""
+    photos = Path(__file__).resolve().parent / "data"
+    video = tmp_path / "door.mp4"
+    encode_video(video, [photos / f"{n}.jpg" for n in ("cat", "coffee", "astronaut", "rocket")])
+    config = write_config(tmp_path / "plain.toml", {"door": str(video)}, heartbeat=0.3)
+    assert main(["watch", "--config", str(config)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    scene2 = [r for r in records if 1.0 <= r["stream_time"] < 2.0]
+    words = lambda rs: {w for r in rs for w in r["generated_text"].split()}  # noqa: E731
+    unique = sorted(words(scene2) - words([r for r in records if r not in scene2]))
+    assert len(scene2) >= 2 and unique, records
+    hooks = Hooks()
+    try:
+        rules = (f'[[alert]]\nmatch = "{unique[0]}"\ncooldown_s = 60\n'
+                 f'webhook = "{hooks.url}"\n')
+        alerting = tmp_path / "alerts.toml"
+        alerting.write_text(config.read_text() + rules)
+        assert main(["watch", "--config", str(alerting), "--out", str(tmp_path / "o.jsonl")]) == 0
+    finally:
+        hooks.close()
+    assert len(hooks.received) == 1, hooks.received
+    alert = hooks.received[0]
+    assert alert["camera"] == "door" and unique[0] in alert["generated_text"].split(), alert
+    assert 1.0 <= alert["stream_time"] < 2.0 and alert["rule"] and alert["wall_time"]
