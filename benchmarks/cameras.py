@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import emit_report
 from .watch_stream import encode
 
 PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -115,9 +116,7 @@ def main(argv=None) -> int:
                   f"{row['shared']['peak_rss_mb']:.0f} MB; separate "
                   f"{row['separate']['total_captions_per_s']:.1f}/s "
                   f"{row['separate']['peak_rss_mb']:.0f} MB", file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
     return 0
 
 

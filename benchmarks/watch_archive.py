@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import emit_report
 from .watch_stream import encode
 
 PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -78,9 +79,7 @@ def main(argv=None) -> int:
               for mode, results in runs.items()}
     report["ratio_captions_per_s"] = (report["archive+snapshots"]["captions_per_s"]
                                       / report["plain"]["captions_per_s"])
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
     return 0
 
 
