@@ -38,9 +38,9 @@ class TrainConfig:
     dropout: float = 0.1  # decoder dropout: embeddings, attention, residuals
     bf16: bool = False  # bf16 autocast for training steps (fp32 master weights)
     max_caption_tokens: int = 32  # longer training captions are cut
-    dev_images: int = 250  # dev images scored (CIDEr-D) after each epoch
+    dev_images: int = 250  # dev images of each folder scored (CIDEr-D) after each epoch
     patience: int = 2  # epochs without dev gain before stopping
-    max_train_images: int | None = None  # subset of the train split, for smoke runs
+    max_train_images: int | None = None  # first N train images of each folder, for smoke runs
     max_steps: int | None = None  # stop after this many steps
     time_budget_min: float | None = None  # wall-clock budget; the lr schedule decays to fit it
     seed: int = 0  # python, numpy and torch seeds, and the batch order
@@ -82,7 +82,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dev images scored per epoch (CIDEr-D)")
     parser.add_argument("--patience", type=int, default=defaults.patience,
                         help="epochs without dev gain before stopping")
-    parser.add_argument("--max-train-images", type=int, default=None, help="subset for smoke runs")
+    parser.add_argument("--max-train-images", type=int, default=None,
+                        help="first N train images of each folder (smoke runs)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--time-budget-min", type=float, default=None,
                         help="wall-clock budget for training; the lr schedule decays to fit it")
@@ -92,6 +93,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frozen-encoder feature cache (default ~/.cache/edgecap/features)")
     parser.add_argument("--bpe-dir", default=None,
                         help="GPT-2 BPE files (default: <first --data>/../gpt2-bpe)")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every,
+                        help="steps between progress lines on stderr; 0: none")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="steps between resumable states (<out>/last.pt)")
     parser.add_argument("--resume", action="store_true",
@@ -109,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_train_images=args.max_train_images, max_steps=args.max_steps,
         time_budget_min=args.time_budget_min, seed=args.seed, threads=args.threads,
         cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, bpe_dir=args.bpe_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
 
 

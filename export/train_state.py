@@ -75,8 +75,6 @@ def save_state(path: Path, state: RunState, encoder, decoder, opt, id_map: list[
 
 def load_state(path: Path, encoder, decoder, opt, id_map: list[int]) -> RunState:
     """Restore weights, optimizer and random state from last.pt; returns where the run stood."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: nothing to resume (no last.pt in the output folder)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if saved["id_map"] != id_map:
         raise ValueError(f"{path}: the data now gives a different vocabulary; resume with the "
@@ -91,7 +89,9 @@ def load_state(path: Path, encoder, decoder, opt, id_map: list[int]) -> RunState
 def record_config(config: TrainConfig, out_dir: Path) -> None:
     """Write train_config.json; on resume, check the settings match the recorded ones."""
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    recorded["data_dir"] = [str(d) for d in data_dirs(config)]
+    # Resolved, so a resume from another working directory matches, and an export's provenance
+    # (which cuts absolute paths to their last part) names each folder.
+    recorded["data_dir"] = [str(d.expanduser().resolve()) for d in data_dirs(config)]
     argv = sys.argv
     if argv and argv[0].endswith("training.py"):  # `python -m` puts the file path in argv[0]
         argv = ["-m", "edgecap.export.training"] + argv[1:]

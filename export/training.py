@@ -226,9 +226,11 @@ def train(config: TrainConfig) -> dict:
     opt, params = make_optimizer(encoder, decoder, config)
     print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", file=sys.stderr)
     state = RunState()
-    if config.resume:
+    if config.resume and (out_dir / "last.pt").is_file():
         state = load_state(out_dir / "last.pt", encoder, decoder, opt, id_map)
         print(f"resumed at step {state.step} (epoch {state.epoch})", file=sys.stderr)
+    elif config.resume:  # killed before its first state (e.g. while extracting features)
+        print(f"{out_dir / 'last.pt'} not written yet: training from step 0", file=sys.stderr)
     if state.stopped is None:
         run_epochs(config, state, encoder, decoder, opt, params, train_data, devs, source_names,
                    tokenizer, id_map)

@@ -100,7 +100,7 @@ def test_two_folders_with_style_tokens_in_one_command(tmp_path, mini_flickr, min
     assert tokenizer.token_to_id("Ġvector") in id_map
     assert tokenizer.decode([50257, tokenizer.token_to_id("Ġcat"), 50258]).strip() == "cat"
     recorded = json.loads((out / "train_config.json").read_text())
-    assert recorded["data_dir"] == [str(mini_flickr), str(mini_web)]
+    assert recorded["data_dir"] == [str(mini_flickr.resolve()), str(mini_web.resolve())]
 
     # The exported model starts from the describe token; the runtime never prints a style token.
     export = tmp_path / "export"
