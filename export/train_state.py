@@ -79,7 +79,10 @@ def load_state(path: Path, encoder, decoder, opt, id_map: list[int]) -> RunState
     if saved["id_map"] != id_map:
         raise ValueError(f"{path}: the data now gives a different vocabulary; resume with the "
                          "same --data folders as the run that wrote it")
-    encoder.load_state_dict(saved["encoder_head"], strict=False)
+    # Only the head was saved: every key the load misses must be the frozen backbone's.
+    keys = encoder.load_state_dict(saved["encoder_head"], strict=False)
+    if keys.unexpected_keys or any(not k.startswith("backbone.") for k in keys.missing_keys):
+        raise ValueError(f"{path}: encoder weights do not fit this encoder ({keys})")
     decoder.load_state_dict(saved["decoder"])
     opt.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
