@@ -132,21 +132,60 @@ def _add_serve_parser(commands) -> None:
 def _add_serve_security_arguments(serve) -> None:
     security = serve.add_argument_group(
         "security", "A --host other than loopback needs --api-key-file (or EDGECAP_API_KEY) or "
-        "--no-auth. See docs/serve.md.")
+        "--insecure-no-auth. See docs/serve.md and docs/deploy.md.")
     security.add_argument("--api-key-file", type=Path, metavar="FILE",
                           help="API keys, one a line (# comments); clients send 'Authorization: "
-                          "Bearer KEY' to every /v1/ endpoint")
-    security.add_argument("--no-auth", action="store_true",
+                          "Bearer KEY' to every endpoint but /, /healthz, /readyz, /openapi.json "
+                          "and (without --metrics-auth) /metrics")
+    security.add_argument("--insecure-no-auth", dest="no_auth", action="store_true",
                           help="serve a non-loopback --host without API keys (only behind a "
-                          "proxy that authenticates)")
+                          "proxy that authenticates; a warning is printed)")
+    security.add_argument("--no-auth", dest="no_auth", action="store_true",
+                          help=argparse.SUPPRESS)  # the earlier name of --insecure-no-auth
+    security.add_argument("--metrics-auth", action="store_true",
+                          help="/metrics needs the API key too")
     security.add_argument("--allowed-host", action="append", metavar="NAME",
                           help="also answer requests for this Host name (repeatable; loopback "
                           "binds answer only loopback names by default)")
+    security.add_argument("--cors-origin", action="append", metavar="ORIGIN", type=_cors_origin,
+                          help="let web pages from this origin (https://host[:port]) call the "
+                          "API from a browser (repeatable; default: no CORS)")
     security.add_argument("--tls-cert", type=Path, metavar="PEM",
                           help="serve HTTPS with this certificate chain (needs --tls-key)")
     security.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's key")
-    security.add_argument("--max-connections", type=positive_int, default=128,
-                          help="open connections before new ones get 503 (default 128)")
+    _add_serve_limit_arguments(serve)
+
+
+def _add_serve_limit_arguments(serve) -> None:
+    limits = serve.add_argument_group("limits", "Against abuse; see docs/serve.md.")
+    limits.add_argument("--rate-limit", type=non_negative_float, metavar="REQ_PER_S",
+                        help="requests a second per client address, 429 + Retry-After beyond "
+                        f"it; 0: off (default: off on a loopback --host, {DEFAULT_RATE_LIMIT:g} "
+                        "on others)")
+    limits.add_argument("--rate-burst", type=positive_int, default=DEFAULT_RATE_BURST,
+                        metavar="N", help="requests an idle client may send at once "
+                        f"(default {DEFAULT_RATE_BURST}: a demo-page search loads its snapshots)")
+    limits.add_argument("--header-timeout-s", type=positive_float, default=10.0,
+                        metavar="S",
+                        help="close a connection whose request headers take longer (default 10)")
+    limits.add_argument("--keep-alive-s", type=positive_float, default=5.0,
+                        metavar="S",
+                        help="close an idle keep-alive connection after this (default 5)")
+    limits.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
+                        help="open connections before new ones get 503 (default 128)")
+
+
+DEFAULT_RATE_LIMIT = 20.0  # requests/s per client on a non-loopback --host
+DEFAULT_RATE_BURST = 250  # above the demo page's 200 snapshots per search
+
+
+def _cors_origin(text: str) -> str:
+    from .serve_security import UnsafeBind, cors_origin
+
+    try:
+        return cors_origin(text)
+    except UnsafeBind as exc:
+        raise argparse.ArgumentTypeError(str(exc).partition(": ")[2]) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +236,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (0 turns a limit off)."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # positive_float says what is wrong
+    return positive_float(text)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -214,27 +263,55 @@ def _run_watch(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    settings = _serve_settings(args)
+    if settings is None:
+        return 2
+    serve(settings, args.host, args.port)
+    return 0
+
+
+def _serve_settings(args: argparse.Namespace):
+    """``Settings`` for ``edgecap serve``, or None after printing why the bind is refused."""
     from .serve_security import UnsafeBind, bind_policy, is_loopback, load_api_keys
-    from .server import Settings, serve
+    from .server import Settings
 
     try:
         policy = bind_policy(args.host, load_api_keys(args.api_key_file), args.no_auth,
                              args.allowed_host)
     except UnsafeBind as exc:  # a usage error: exit 2, like argparse
         print(f"edgecap serve: error: {exc}", file=sys.stderr)
-        return 2
-    if policy.api_keys and args.tls_cert is None and not is_loopback(args.host):
+        return None
+    _warn_insecure(args, policy.api_keys)
+    rate = args.rate_limit
+    if rate is None:  # local tools and benchmarks are not throttled; network clients are
+        rate = 0.0 if is_loopback(args.host) else DEFAULT_RATE_LIMIT
+    return Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                    max_queue=args.max_queue, timeout_s=args.timeout_s,
+                    max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads,
+                    device=args.device, generation=generation_from_args(args),
+                    archive=args.archive, api_keys=policy.api_keys,
+                    allowed_hosts=policy.allowed_hosts, tls_cert=args.tls_cert,
+                    tls_key=args.tls_key, max_connections=args.max_connections,
+                    metrics_auth=args.metrics_auth, cors_origins=tuple(args.cors_origin or ()),
+                    rate_limit=rate, rate_burst=args.rate_burst,
+                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s)
+
+
+def _warn_insecure(args: argparse.Namespace, api_keys: tuple[str, ...]) -> None:
+    """Warnings at start for a service that anyone on the network could use or read."""
+    from .serve_security import is_loopback
+
+    if args.no_auth:
+        print(f"edgecap: warning: --insecure-no-auth: anyone who can reach {args.host}:"
+              f"{args.port} can caption images and read the archive without a key",
+              file=sys.stderr)
+    if api_keys and args.tls_cert is None and not is_loopback(args.host):
         print("edgecap: warning: API keys cross the network in clear text without --tls-cert",
               file=sys.stderr)
-    settings = Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                        max_queue=args.max_queue, timeout_s=args.timeout_s,
-                        max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads,
-                        device=args.device, generation=generation_from_args(args),
-                        archive=args.archive, api_keys=policy.api_keys,
-                        allowed_hosts=policy.allowed_hosts, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key, max_connections=args.max_connections)
-    serve(settings, args.host, args.port)
-    return 0
+    if args.metrics_auth and not api_keys:
+        print("edgecap: warning: --metrics-auth has no effect without API keys", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ from typing import Any
 from .options import openapi_form_properties, openapi_parameters
 
 
-def openapi_document(archive: bool = False, api_keys: bool = False) -> dict[str, Any]:
-    """The OpenAPI description; the option fields come from ``edgecap.options``."""
+def openapi_document(archive: bool = False, api_keys: bool = False,
+                     metrics_auth: bool = False) -> dict[str, Any]:
+    """The OpenAPI description; the option fields come from ``edgecap.options``.
+
+    With ``api_keys``, the operations that need the key say so (``/metrics`` too with
+    ``metrics_auth``), and the demo page reads it to ask for one.
+    """
     image = {"type": "string", "format": "binary"}
     form = {"type": "object", "properties": {
         "image": {"type": "array", "items": image}, **openapi_form_properties()}}
@@ -22,8 +27,10 @@ def openapi_document(archive: bool = False, api_keys: bool = False) -> dict[str,
     if api_keys:  # the demo page reads this to ask for a key
         document["components"] = {"securitySchemes": {"apiKey": {"type": "http",
                                                                  "scheme": "bearer"}}}
+        keyed = ("/metrics",) if metrics_auth else ()
         document["paths"] = {path: {method: _keyed(op) for method, op in ops.items()}
-                             if path.startswith("/v1/") else ops for path, ops in paths.items()}
+                             if path.startswith("/v1/") or path in keyed else ops
+                             for path, ops in paths.items()}
     return document
 
 

@@ -2,16 +2,19 @@
 
 One ASGI layer in front of every route, so no handler can forget it:
 
-- **API keys** (``--api-key-file`` / ``EDGECAP_API_KEY``): every path under ``/v1/`` needs
-  ``Authorization: Bearer KEY``; health probes, metrics, the OpenAPI document and the static demo
-  page stay open (they carry no images or captions). Keys are compared as SHA-256 digests with
+- **API keys** (``--api-key-file`` / ``EDGECAP_API_KEY``): every path needs
+  ``Authorization: Bearer KEY`` except health probes, the OpenAPI document, the static demo page
+  and (unless ``--metrics-auth``) metrics: they carry no images or captions. Keys are compared as SHA-256 digests with
   ``hmac.compare_digest``, so neither their content nor their length leaks through timing.
 - **Host check** (DNS rebinding): a loopback-bound server answers only requests addressed to a
   loopback name (or an ``--allowed-host``), so a web page whose name re-resolves to 127.0.0.1
   cannot read it.
-- **Origin check** (cross-site requests): the service sends no CORS headers and its only browser
-  client is its own demo page, so a request whose ``Origin`` is another site is refused before it
-  costs any CPU (a cross-site form POST needs no preflight, and would otherwise be captioned).
+- **Origin check** (cross-site requests): without ``--cors-origin`` the service sends no CORS
+  headers and its only browser client is its own demo page, so a request whose ``Origin`` is
+  another site is refused before it costs any CPU (a cross-site form POST needs no preflight, and
+  would otherwise be captioned). Origins given with ``--cors-origin`` pass, and get CORS headers.
+- **Rate limit** (``--rate-limit``): a token bucket per client address (serve_limits), checked
+  first, so guessing keys is throttled too; over it, 429 with ``Retry-After``.
 - **Headers**: ``nosniff``, no referrer, no framing; API answers are ``no-store`` unless the route
   chose its own caching (snapshots).
 """
@@ -31,11 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgecapError
+from .serve_limits import RateLimiter, retry_after
 
 API_KEY_ENV = "EDGECAP_API_KEY"
 MIN_KEY_CHARS = 16  # shorter keys are guessable online; `openssl rand -hex 32` gives 64
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+PROBE_PATHS = ("/healthz", "/readyz")  # never rate limited: an orchestrator polls them
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -95,9 +100,17 @@ class Policy:
 
     api_keys: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] | None = None
+    metrics_auth: bool = False  # /metrics needs the key too
+    cors_origins: tuple[str, ...] = ()  # origins (scheme://host[:port]) allowed cross-site
+    rate_limit: float = 0.0  # requests a second per client; 0: no limit
+    rate_burst: int = 1
 
     def key_digests(self) -> tuple[bytes, ...]:
         return tuple(hashlib.sha256(key.encode()).digest() for key in self.api_keys)
+
+    def open_paths(self) -> tuple[str, ...]:
+        """Paths answered without a key."""
+        return tuple(p for p in OPEN_PATHS if not (self.metrics_auth and p == "/metrics"))
 
 
 class Guard:
@@ -110,6 +123,9 @@ class Guard:
         self.app = app
         self.policy = policy
         self.digests = policy.key_digests()
+        self.open_paths = policy.open_paths()
+        self.limiter = (RateLimiter(policy.rate_limit, policy.rate_burst)
+                        if policy.rate_limit > 0 else None)
         self.on_reject = on_reject or (lambda status, kind: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,17 +141,28 @@ class Guard:
 
     def check(self, scope: Scope) -> tuple[int, str, str, list] | None:
         """(status, kind, detail, extra headers) for a request to refuse, else None."""
+        if (wait := self._rate_limited(scope)) > 0:
+            detail = "too many requests from this client; retry after Retry-After seconds"
+            return 429, "rate_limited", detail, [(b"retry-after", retry_after(wait).encode())]
         headers = _headers(scope)
         host = headers.get("host", "")
         if self.policy.allowed_hosts is not None and _host_name(host) not in self.policy.allowed_hosts:
             return 421, "bad_host", f"this server does not answer for host {host!r}", []
         origin = headers.get("origin")
-        if origin is not None and not _same_origin(origin, host):
+        if (origin is not None and not _same_origin(origin, host)
+                and origin.lower().rstrip("/") not in self.policy.cors_origins):
             return 403, "cross_origin", "cross-origin requests are refused", []
-        if self.digests and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+        if self.digests and scope["path"] not in self.open_paths and not self._authorized(headers):
             detail = "send the API key as: Authorization: Bearer KEY"
             return 401, "unauthorized", detail, [(b"www-authenticate", b'Bearer realm="edgecap"')]
         return None
+
+    def _rate_limited(self, scope: Scope) -> float:
+        """Seconds the client must wait (0.0: go ahead); one token spent per request."""
+        client = scope.get("client")
+        if self.limiter is None or not client or scope["path"] in PROBE_PATHS:
+            return 0.0
+        return self.limiter.take(client[0])
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, key = headers.get("authorization", "").partition(" ")
@@ -209,7 +236,8 @@ def _inline_hashes(html: str, tag: str) -> str:
 
 
 class UnsafeBind(SecurityConfigError):
-    """A non-loopback address without API keys or an explicit --no-auth (a usage error)."""
+    """A non-loopback address without API keys or an explicit --insecure-no-auth (a usage
+    error); also a bad --cors-origin."""
 
 
 def bind_policy(host: str, api_keys: tuple[str, ...], no_auth: bool,
@@ -221,12 +249,27 @@ def bind_policy(host: str, api_keys: tuple[str, ...], no_auth: bool,
             not given; or ``no_auth`` is given together with keys.
     """
     if no_auth and api_keys:
-        raise UnsafeBind("--no-auth contradicts the API keys given (--api-key-file or "
+        raise UnsafeBind("--insecure-no-auth contradicts the API keys given (--api-key-file or "
                          f"{API_KEY_ENV})")
     if not is_loopback(host) and not api_keys and not no_auth:
         raise UnsafeBind(f"--host {host} is reachable from other machines: give --api-key-file "
-                         f"(or {API_KEY_ENV}), or --no-auth if a proxy in front authenticates")
+                         f"(or {API_KEY_ENV}), or --insecure-no-auth if a proxy in front "
+                         "authenticates")
     extra = tuple(name.lower() for name in extra_hosts or ())
     # Loopback binds answer only loopback names (DNS rebinding); others any name unless listed.
     allowed = (*LOOPBACK_HOSTS, host.lower(), *extra) if is_loopback(host) or extra else None
     return Policy(api_keys=api_keys, allowed_hosts=allowed)
+
+
+def cors_origin(text: str) -> str:
+    """``text`` as a CORS origin (``scheme://host[:port]``, lower case), for --cors-origin.
+
+    Raises:
+        UnsafeBind: not an http(s) origin: ``*``, a path, or no scheme.
+    """
+    origin = text.strip().lower().rstrip("/")
+    if not re.fullmatch(r"https?://[a-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9a-f:.]+\](:\d{1,5})?",
+                        origin):
+        raise UnsafeBind(f"--cors-origin {text!r}: expected an origin like https://dash.example:8443"
+                         " (scheme, host and port only; '*' is not allowed)")
+    return origin

@@ -3,8 +3,10 @@
 Starlette on uvicorn. Requests decode their image in a worker thread, then wait on a bounded
 micro-batching queue served by one inference thread. A full queue answers 503 + Retry-After at
 once; bad images answer 4xx with the reason; SIGTERM stops accepting, finishes every accepted
-request, then exits (uvicorn's graceful shutdown, then the queue is drained). API keys, Host and
-Origin checks and security headers are one ASGI layer in front of every route (serve_security).
+request, then exits (uvicorn's graceful shutdown, then the queue is drained). The rate limit, API
+keys, Host and Origin checks and security headers are one ASGI layer in front of every route
+(serve_security); CORS, when asked for, is Starlette's middleware in front of that; slow request
+headers are cut off in uvicorn's protocol (serve_limits).
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class Settings:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
     tls_key: Path | None = None
     max_connections: int = 128  # beyond it uvicorn answers 503 before reading the request
+    metrics_auth: bool = False  # with keys, /metrics needs one too
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site (CORS); none: off
+    rate_limit: float = 0.0  # requests a second per client address; 0: no limit
+    rate_burst: int = 1  # requests an idle client may send at once
+    header_timeout_s: float = 10.0  # request headers must arrive within it (slowloris)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after it
 
 
 class Metrics:
@@ -242,8 +250,10 @@ class CaptionService:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:
+        settings = self.settings
         return JSONResponse(openapi_document(archive=self.archive is not None,
-                                             api_keys=bool(self.settings.api_keys)))
+                                             api_keys=bool(settings.api_keys),
+                                             metrics_auth=settings.metrics_auth))
 
     async def demo(self, request: Request) -> Response:
         return HTMLResponse(self.demo_page, headers={"Content-Security-Policy": self.demo_csp})
@@ -272,9 +282,25 @@ def create_app(settings: Settings) -> Starlette:
 
         service.archive = ArchiveRoutes(settings.archive)
         routes += service.archive.routes()
-    policy = Policy(api_keys=settings.api_keys, allowed_hosts=settings.allowed_hosts)
-    guard = Middleware(Guard, policy=policy, on_reject=service.count_refusal)
-    return Starlette(routes=routes, lifespan=service.lifespan, middleware=[guard])
+    return Starlette(routes=routes, lifespan=service.lifespan,
+                     middleware=_middleware(settings, service.count_refusal))
+
+
+def _middleware(settings: Settings, on_reject) -> list[Middleware]:
+    """CORS (only with ``cors_origins``) outermost, so preflights need no key; then the Guard."""
+    policy = Policy(api_keys=settings.api_keys, allowed_hosts=settings.allowed_hosts,
+                    metrics_auth=settings.metrics_auth, cors_origins=settings.cors_origins,
+                    rate_limit=settings.rate_limit, rate_burst=settings.rate_burst)
+    layers = [Middleware(Guard, policy=policy, on_reject=on_reject)]
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        # No cookies are used (allow_credentials stays off): the key travels in Authorization.
+        layers.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                    allow_methods=["GET", "POST"],
+                                    allow_headers=["Authorization", "Content-Type"],
+                                    expose_headers=["Retry-After"], max_age=600))
+    return layers
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -285,6 +311,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     """
     import uvicorn
 
+    from .serve_limits import header_timeout_protocol
+
     app = create_app(settings)  # a bad model or archive fails here, before the port is bound
     tls = _tls_files(settings)
     scheme = "https" if tls else "http"
@@ -292,7 +320,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     uvicorn.run(app, host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=int(settings.timeout_s) + 5,
                 server_header=False,  # no version banner for scanners
-                limit_concurrency=settings.max_connections, **tls)
+                limit_concurrency=settings.max_connections,
+                http=header_timeout_protocol(settings.header_timeout_s),
+                timeout_keep_alive=settings.keep_alive_s, **tls)
 
 
 def _tls_files(settings: Settings) -> dict[str, str]:
