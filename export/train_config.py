@@ -34,6 +34,7 @@ class TrainConfig:
     n_embd: int = 384  # decoder width
     n_head: int = 6  # decoder attention heads
     backbone: str = "efficientnet-lite2"  # frozen ImageNet encoder, run at 224x224 (49 tokens)
+    tune_encoder_head: bool = True  # also train the backbone's last 1x1 conv (on cached blocks)
     label_smoothing: float = 0.1  # cross-entropy label smoothing (training loss only)
     dropout: float = 0.1  # decoder dropout: embeddings, attention, residuals
     bf16: bool = False  # bf16 autocast for training steps (fp32 master weights)
@@ -74,6 +75,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder attention heads")
     parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
                         help="frozen ImageNet image encoder")
+    parser.add_argument("--no-tune-encoder-head", dest="tune_encoder_head",
+                        action="store_false",
+                        help="keep the backbone's last 1x1 conv frozen too (caches its output)")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--dropout", type=float, default=defaults.dropout,
                         help="decoder dropout (embeddings, attention, residuals)")
@@ -107,7 +111,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_dir=list(args.data), out_dir=args.out, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, n_layer=args.n_layer, n_embd=args.n_embd,
-        n_head=args.n_head, backbone=args.backbone, label_smoothing=args.label_smoothing,
+        n_head=args.n_head, backbone=args.backbone, tune_encoder_head=args.tune_encoder_head,
+        label_smoothing=args.label_smoothing,
         dropout=args.dropout, bf16=args.bf16, dev_images=args.dev_images, patience=args.patience,
         max_train_images=args.max_train_images, max_steps=args.max_steps,
         time_budget_min=args.time_budget_min, seed=args.seed, threads=args.threads,

@@ -11,7 +11,9 @@ and 50258), so decoding with ``skip_special_tokens`` never prints them.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
-from .captioner_model import GPT2_EOS_ID, FeatureEncoder
+from .captioner_model import BACKBONE_CHANNELS, GPT2_EOS_ID, FeatureEncoder
 from .datasets import ALT_TEXT, DESCRIBE, STYLE_TOKENS, CaptionSource, normalize_caption
 
 IMAGE_SIZE = (224, 224)
@@ -35,6 +37,9 @@ PREPROCESS = {
 }
 EOS_ID = 0  # pruned id of GPT-2's end-of-text: ends every caption, pads batches
 STYLE_IDS = {DESCRIBE: 1, ALT_TEXT: 2}  # pruned id that starts a caption of each style
+# The backbone's last 1x1 conv and its norm: what ``tune_encoder_head`` trains on top of the
+# cached output of the last MBConv block.
+HEAD_MODULES = ("_conv_head", "_bn1")
 
 
 @dataclass
@@ -84,17 +89,53 @@ def load_pixels(path: Path) -> np.ndarray:
     return x.transpose(2, 0, 1)
 
 
-def feature_cache_dir(cache_root: Path, backbone: str, source_root: Path) -> Path:
-    """Where one folder's features live: per backbone, and per folder (its name plus a hash of
-    its resolved path, so two folders of the same name never share files)."""
+def block_features(encoder: FeatureEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 224, 224) -> (B, 49, C) output of the backbone's last MBConv block: its
+    ``extract_features`` without the head (C is 352 for Lite2, 320 for Lite0)."""
+    net = encoder.backbone
+    x = net._swish(net._bn0(net._conv_stem(pixels)))
+    for idx, block in enumerate(net._blocks):
+        rate = net._global_params.drop_connect_rate  # as extract_features passes it
+        x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+    return x.flatten(2).transpose(1, 2)
+
+
+def head_features(encoder: FeatureEncoder, block_tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 49, C) block tokens -> (B, 49, 1280): the backbone's head as ``extract_features``
+    runs it, so the export (which traces the whole backbone) computes the same tokens."""
+    batch, count, channels = block_tokens.shape
+    side = math.isqrt(count)
+    x = block_tokens.transpose(1, 2).reshape(batch, channels, side, side)
+    net = encoder.backbone
+    return net._swish(net._bn1(net._conv_head(x))).flatten(2).transpose(1, 2)
+
+
+def image_tokens(encoder: FeatureEncoder, cached: torch.Tensor) -> torch.Tensor:
+    """Decoder-ready tokens from cached features of either kind: the backbone's 1280-channel
+    output goes straight to the projection, narrower block output runs the head first."""
+    feats = cached.float()
+    if feats.shape[-1] != BACKBONE_CHANNELS:
+        feats = head_features(encoder, feats)
+    return encoder.project(feats)
+
+
+def feature_cache_dir(cache_root: Path, backbone: str, source_root: Path,
+                      blocks: bool = False) -> Path:
+    """Where one folder's features live: per backbone and kind (``blocks``: the last block's
+    output, for a tuned head), and per folder (its name plus a hash of its resolved path, so
+    two folders of the same name never share files)."""
     path_hash = hashlib.sha256(str(source_root.resolve()).encode()).hexdigest()[:10]
-    return cache_root / backbone / f"{source_root.resolve().name}-{path_hash}"
+    kind = f"{backbone}-blocks" if blocks else backbone
+    return cache_root / kind / f"{source_root.resolve().name}-{path_hash}"
 
 
 def cached_features(names: list[str], images_dir: Path, cache_dir: Path,
-                    encoder: FeatureEncoder, batch: int = 32) -> torch.Tensor:
-    """(N, 49, 1280) fp16 backbone tokens, one `<image>.npy` per image in `cache_dir`; images
-    without a cached file are run through the backbone first."""
+                    encoder: FeatureEncoder, batch: int = 32,
+                    featurize: Callable | None = None) -> torch.Tensor:
+    """(N, 49, C) fp16 tokens, one `<image>.npy` per image in `cache_dir`; images without a
+    cached file are run through ``featurize(encoder, pixels)`` first (default: the whole
+    backbone, C = 1280; ``block_features`` stops before its head)."""
+    featurize = featurize or (lambda enc, pixels: enc.backbone_features(pixels))
     missing = [n for n in dict.fromkeys(names) if not (cache_dir / f"{n}.npy").exists()]
     if missing:
         encoder.eval()
@@ -104,7 +145,7 @@ def cached_features(names: list[str], images_dir: Path, cache_dir: Path,
             chunk = missing[i : i + batch]
             pixels = torch.from_numpy(np.stack([load_pixels(images_dir / n) for n in chunk]))
             with torch.inference_mode():
-                feats = encoder.backbone_features(pixels).to(torch.float16).numpy()
+                feats = featurize(encoder, pixels).to(torch.float16).numpy()
             for n, f in zip(chunk, feats):
                 final = cache_dir / f"{n}.npy"
                 final.parent.mkdir(parents=True, exist_ok=True)

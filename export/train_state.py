@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from .train_config import TrainConfig, data_dirs
-from .train_data import EOS_ID, PREPROCESS, STYLE_IDS
+from .train_data import EOS_ID, HEAD_MODULES, PREPROCESS, STYLE_IDS
 
 # Settings that may change when a run is resumed; every other one must match train_config.json.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "patience", "threads", "log_every",
@@ -60,8 +60,11 @@ def save_model(out_dir: Path, encoder, decoder, id_map, tokenizer) -> None:
 
 
 def head_state(encoder) -> dict:
-    """The encoder's trainable part (the frozen backbone comes from its pip package)."""
-    return {k: v for k, v in encoder.state_dict().items() if not k.startswith("backbone.")}
+    """The encoder's trainable parts: projection and the backbone's head (the frozen rest of
+    the backbone comes from its pip package)."""
+    tunable = tuple(f"backbone.{name}." for name in HEAD_MODULES)
+    return {k: v for k, v in encoder.state_dict().items()
+            if not k.startswith("backbone.") or k.startswith(tunable)}
 
 
 def save_state(path: Path, state: RunState, encoder, decoder, opt, id_map: list[int]) -> None:

@@ -28,12 +28,14 @@ from .captioner_model import FeatureEncoder, build_decoder
 from .datasets import load_source
 # TrainConfig lives beside the CLI arguments, in a torch-free module; importable from here too.
 from .train_config import TrainConfig, add_train_arguments, config_from_args, data_dirs
-from .train_data import (EOS_ID, SplitData, build_id_map, build_split, build_tokenizer,
-                         cached_features, feature_cache_dir, load_pixels, split_names,
-                         train_token_lists)
+from .train_data import (EOS_ID, HEAD_MODULES, SplitData, block_features, build_id_map,
+                         build_split, build_tokenizer, cached_features, feature_cache_dir,
+                         image_tokens, load_pixels, split_names, train_token_lists)
 from .train_state import RunState, load_state, record_config, save_model, save_state
 
 __all__ = ["TrainConfig", "train", "load_pixels", "main"]
+
+TUNED_LR_SCALE = 0.1  # pretrained backbone weights move slower than the fresh head and decoder
 
 # ---------------------------------------------------------------- model steps
 
@@ -69,7 +71,7 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Gene
 def caption_loss(encoder, decoder, feats, ids, target_mask, label_smoothing=0.0) -> torch.Tensor:
     """Teacher-forced cross-entropy. Right padding + causal attention: pads never reach real
     tokens, so no attention mask is needed; the LM head runs only on real positions."""
-    enc = encoder.project(feats.float())
+    enc = image_tokens(encoder, feats)
     hidden = decoder.transformer(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
     logits = decoder.lm_head(hidden[:, :-1][target_mask]).float()
     return F.cross_entropy(logits, ids[:, 1:][target_mask], label_smoothing=label_smoothing)
@@ -80,7 +82,7 @@ def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
                   max_new_tokens: int = 20) -> list:
     """KV-cached greedy decoding from each image's start (style) token; returns pruned ids per
     image, without start/end tokens."""
-    enc = encoder.project(feats.float())
+    enc = image_tokens(encoder, feats)
     tokens = torch.tensor(start_ids, dtype=torch.long)[:, None]
     done = torch.zeros(len(start_ids), dtype=torch.bool)
     past, out = None, []
@@ -158,9 +160,12 @@ def prepare_data(config: TrainConfig, tokenizer, encoder):
     id_map = build_id_map(tokenizer, train_token_lists(sources, train_names, tokenizer))
     to_pruned = {g: p for p, g in enumerate(id_map)}
 
+    blocks = config.tune_encoder_head  # cache what comes before the part that trains
+
     def split(source, names):
-        cache = feature_cache_dir(cache_root, config.backbone, source.root)
-        feats = cached_features(names, source.images_dir, cache, encoder)
+        cache = feature_cache_dir(cache_root, config.backbone, source.root, blocks)
+        feats = cached_features(names, source.images_dir, cache, encoder,
+                                featurize=block_features if blocks else None)
         return build_split(source, names, tokenizer, to_pruned, config.max_caption_tokens, feats)
 
     if not dev_names[0]:
@@ -185,12 +190,21 @@ def merge_splits(parts: list[SplitData]) -> SplitData:
 
 
 def make_optimizer(encoder, decoder, config: TrainConfig):
-    """AdamW over the projection head and the decoder; decay on matrices only."""
-    head = [p for n, p in encoder.named_parameters() if not n.startswith("backbone.")]
-    params = head + list(decoder.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr), params
+    """AdamW over the projection head, the decoder and (``tune_encoder_head``) the backbone's
+    head; decay on matrices only. Pretrained weights move at TUNED_LR_SCALE of the lr."""
+    encoder.backbone.requires_grad_(False)
+    tuned = []
+    if config.tune_encoder_head:
+        for name in HEAD_MODULES:
+            getattr(encoder.backbone, name).requires_grad_(True)
+            tuned += list(getattr(encoder.backbone, name).parameters())
+    fresh = [p for n, p in encoder.named_parameters() if not n.startswith("backbone.")]
+    fresh += list(decoder.parameters())
+    groups = [{"params": [p for p in fresh if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in fresh if p.dim() < 2], "weight_decay": 0.0}]
+    if tuned:
+        groups.append({"params": tuned, "weight_decay": 0.0, "lr_scale": TUNED_LR_SCALE})
+    return torch.optim.AdamW(groups, lr=config.lr), fresh + tuned
 
 
 def train(config: TrainConfig) -> dict:
@@ -214,7 +228,6 @@ def train(config: TrainConfig) -> dict:
 
     tokenizer = build_tokenizer(bpe_dir)
     encoder = FeatureEncoder(config.n_embd, pretrained_backbone=True, backbone=config.backbone)
-    encoder.backbone.requires_grad_(False)
     t0 = time.time()
     train_data, devs, id_map, source_names = prepare_data(config, tokenizer, encoder)
     print(f"features ready in {time.time() - t0:.0f}s: train {tuple(train_data.feats.shape)}, "
@@ -275,6 +288,7 @@ def train_batches(config, state: RunState, encoder, decoder, opt, params, data: 
     """Train the epoch's batches from ``state.batch_in_epoch`` on; True when the time budget
     ran out (the run is over then: its lr schedule has decayed to 0)."""
     encoder.train()
+    encoder.backbone.eval()  # its norms keep their ImageNet statistics, even where tuned
     decoder.train()
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     started, seconds_before = time.time(), state.train_seconds
@@ -291,7 +305,7 @@ def train_batches(config, state: RunState, encoder, decoder, opt, params, data: 
             return True
         lr = lr_at(state.step, config.lr, config.warmup_steps, progress)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batch = batches[k]
         ids, mask = pad_batch([data.rows[j][1] for j in batch], EOS_ID)
         feats = data.feats[[data.rows[j][0] for j in batch]]

@@ -43,13 +43,15 @@ def test_every_option_reaches_its_field():
                     "--max-train-images", "8", "--max-steps", "6", "--time-budget-min", "1.5",
                     "--seed", "3", "--threads", "1", "--cache-dir", "c", "--bpe-dir", "b",
                     "--backbone", "efficientnet-lite0", "--dropout", "0.3",
-                    "--checkpoint-every", "11", "--resume", "--log-every", "4"])
+                    "--checkpoint-every", "11", "--resume", "--log-every", "4",
+                    "--no-tune-encoder-head"])
     expected = dict(data_dir=["d"], out_dir="o", epochs=3, batch_size=16, lr=0.001,
                     weight_decay=0.1, warmup_steps=7, n_layer=2, n_embd=64, n_head=4,
                     label_smoothing=0.2, bf16=True, dev_images=9, patience=5,
                     max_train_images=8, max_steps=6, time_budget_min=1.5, seed=3, threads=1,
                     cache_dir="c", bpe_dir="b", backbone="efficientnet-lite0", dropout=0.3,
-                    checkpoint_every=11, resume=True, log_every=4)
+                    checkpoint_every=11, resume=True, log_every=4,
+                    tune_encoder_head=False)
     assert {k: v for k, v in dataclasses.asdict(config).items() if k in expected} == expected
 
 

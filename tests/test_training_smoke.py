@@ -40,7 +40,8 @@ def mini_web(tmp_path_factory, sample_photos) -> Path:
 
 
 def test_train_few_steps_and_reload(tmp_path, mini_flickr, feature_cache):
-    from edgecap.export.captioner_model import load_trained
+    from edgecap.export.captioner_model import FeatureEncoder, load_trained
+    from edgecap.export.train_data import block_features, image_tokens
     from edgecap.export.training import TrainConfig, load_pixels, train
 
     out = tmp_path / "model"
@@ -73,7 +74,17 @@ def test_train_few_steps_and_reload(tmp_path, mini_flickr, feature_cache):
         tokens = encoder(pixels)
         logits = decoder(input_ids=torch.ones(1, 1, dtype=torch.long),
                          encoder_hidden_states=tokens).logits
+        # Training ran the tuned backbone head on cached block output; the export runs the
+        # whole backbone: both give the same tokens.
+        from_blocks = image_tokens(encoder, block_features(encoder, pixels))
     assert tokens.shape == (1, 49, 64) and logits.shape == (1, 1, len(id_map))
+    assert torch.allclose(from_blocks, tokens, atol=1e-5)
+    pretrained = FeatureEncoder(64, pretrained_backbone=True, backbone="efficientnet-lite2")
+    trained_net, imagenet_net = encoder.backbone, pretrained.backbone
+    assert not torch.equal(trained_net._conv_head.weight, imagenet_net._conv_head.weight)
+    assert torch.equal(trained_net._bn1.running_mean, imagenet_net._bn1.running_mean)
+    assert torch.equal(trained_net._blocks[-1]._project_conv.weight,
+                       imagenet_net._blocks[-1]._project_conv.weight)
 
 
 def test_two_folders_with_style_tokens_in_one_command(tmp_path, mini_flickr, mini_web,
