@@ -29,6 +29,17 @@ from .worker import NEW_TOKENS
 
 HERE = Path(__file__).resolve().parent
 FLICKR = HERE.parents[0].parent / "shared" / "data" / "flickr8k"
+PHOTOS = HERE.parents[0] / "tests" / "data"
+
+
+def benchmark_images(count: int) -> list[str]:
+    """The first Flickr8k test images (the published runs), or the photos that ship in
+    tests/data in a clone without ../shared."""
+    split = FLICKR / "split_test.txt"
+    if split.is_file():
+        names = [l.strip() for l in split.read_text().splitlines() if l.strip()]
+        return [str(FLICKR / "images" / n) for n in names[:count]]
+    return [str(p) for p in sorted(PHOTOS.glob("*.jpg"))[:count]]
 log = logging.getLogger("edgecap.bench")
 # Each system, and the edgecap export mode it runs (None: it loads the Hugging Face model).
 SYSTEM_MODES = {"pytorch": None, "optimum-fp32": None, "optimum-int8": None, "edgecap-fp32": "none",
@@ -277,8 +288,7 @@ def main(argv=None) -> int:
     paths = ensure_exports(work_dir, modes, tiny=args.tiny)
     if any(s.startswith("optimum") for s in systems):
         paths.update(optimum_exports(paths["hf"], work_dir))
-    names = [l.strip() for l in (FLICKR / "split_test.txt").read_text().splitlines() if l.strip()]
-    images = [str(FLICKR / "images" / n) for n in names[:8]]
+    images = benchmark_images(8)
     model_for = {s: paths[SYSTEM_MODES[s]] if s.startswith("edgecap") else paths["hf"] for s in systems}
     workers: list[Worker] = []
     try:

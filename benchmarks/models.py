@@ -13,8 +13,8 @@ from pathlib import Path
 
 log = logging.getLogger("edgecap.bench")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-BPE = SHARED / "data" / "gpt2-bpe"
+# GPT-2's full byte-level BPE, as the shipped default model's tokenizer holds it.
+GPT2_TOKENIZER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "default" / "tokenizer.json"
 
 
 def build_vit_gpt2(out_dir: Path, seed: int = 0, tiny: bool = False) -> Path:
@@ -32,7 +32,8 @@ def build_vit_gpt2(out_dir: Path, seed: int = 0, tiny: bool = False) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     torch.manual_seed(seed)
-    tokenizer = GPT2TokenizerFast(vocab_file=str(BPE / "encoder.json"), merges_file=str(BPE / "vocab.bpe"))
+    tokenizer = GPT2TokenizerFast(tokenizer_file=str(GPT2_TOKENIZER), eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     eos = tokenizer.eos_token_id
     small = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                  patch_size=32) if tiny else {}

@@ -11,14 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import SHARED
-
 REPO = Path(__file__).resolve().parents[1]
-# The benchmark program (benchmarks/) reads its images and GPT-2 BPE files from ../shared/data.
-pytestmark = pytest.mark.skipif(
-    not (SHARED / "data" / "flickr8k" / "split_test.txt").is_file()
-    or not (SHARED / "data" / "gpt2-bpe" / "vocab.bpe").is_file(),
-    reason=f"benchmarks/ reads Flickr8k images and GPT-2 BPE files from {SHARED / 'data'} (absent)")
 SYSTEMS = ["pytorch", "optimum-fp32", "edgecap-fp32", "edgecap-int8"]
 CASES = ["greedy:1", "beam4:2"]
 
