@@ -33,7 +33,7 @@ class TrainConfig:
     n_layer: int = 4  # decoder layers
     n_embd: int = 384  # decoder width
     n_head: int = 6  # decoder attention heads
-    backbone: str = "efficientnet-lite2"  # frozen ImageNet encoder, run at 224x224 (49 tokens)
+    backbone: str = "efficientnet-lite2"  # ImageNet encoder, run at 224x224 (49 tokens)
     tune_encoder_head: bool = True  # also train the backbone's last 1x1 conv (on cached blocks)
     label_smoothing: float = 0.1  # cross-entropy label smoothing (training loss only)
     dropout: float = 0.1  # decoder dropout: embeddings, attention, residuals
@@ -74,7 +74,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-head", type=int, default=defaults.n_head,
                         help="decoder attention heads")
     parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
-                        help="frozen ImageNet image encoder")
+                        help="ImageNet image encoder (frozen up to its head)")
     parser.add_argument("--no-tune-encoder-head", dest="tune_encoder_head",
                         action="store_false",
                         help="keep the backbone's last 1x1 conv frozen too (caches its output)")
@@ -83,7 +83,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder dropout (embeddings, attention, residuals)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training steps")
     parser.add_argument("--dev-images", type=int, default=defaults.dev_images,
-                        help="dev images scored per epoch (CIDEr-D)")
+                        help="dev images of each folder scored per epoch (CIDEr-D)")
     parser.add_argument("--patience", type=int, default=defaults.patience,
                         help="epochs without dev gain before stopping")
     parser.add_argument("--max-train-images", type=int, default=None,
