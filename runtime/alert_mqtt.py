@@ -54,8 +54,8 @@ class MqttPublisher:
                              protocol=mqtt.MQTTv311)
         if self.broker.username is not None:
             client.username_pw_set(self.broker.username, self.broker.password)
-        if self.broker.tls:
-            client.tls_set()
+        if self.broker.tls:  # the broker's certificate and host name are verified
+            client.tls_set(ca_certs=self.broker.ca_file)
         if self.status_topic:
             client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(1, max(1, int(self.broker.reconnect_max_s)))

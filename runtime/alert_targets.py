@@ -61,6 +61,7 @@ class MqttBroker:
     client_id: str = ""  # empty: the broker assigns one
     keepalive_s: int = 60
     tls: bool = False  # TLS with the system's CA certificates
+    ca_file: str | None = None  # with tls: trust this CA bundle instead (a self-signed broker)
     reconnect_max_s: float = 30.0  # reconnect backoff starts at 1 s and doubles up to this
 
 

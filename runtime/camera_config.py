@@ -32,7 +32,7 @@ CAMERA_KEYS = ("name", "source", *WATCH_OPTIONS, *(o.name for o in GENERATION))
 ALERT_KEYS = ("name", "match", "regex", "cameras", "between", "cooldown_s", "command",
               "command_timeout_s", "mqtt", "webhook")
 BROKER_KEYS = ("host", "port", "username", "password_env", "password_file", "client_id",
-               "keepalive_s", "tls", "reconnect_max_s")
+               "keepalive_s", "tls", "ca_file", "reconnect_max_s")
 MQTT_KEYS = (*BROKER_KEYS, "topic", "state_topic")
 ALERT_MQTT_KEYS = (*BROKER_KEYS, "topic", "retain")
 WEBHOOK_KEYS = ("url", "headers", "headers_env", "headers_file", "timeout_s", "retries",
@@ -318,11 +318,15 @@ def _broker(table: _Table, default: MqttBroker | None) -> MqttBroker:
     """Broker settings from ``table``, each unset one taken from ``default`` ([mqtt])."""
     base = default or MqttBroker()
     password = table.secret_env("password_env") or table.secret_file("password_file")
+    ca_file = table.path("ca_file")
+    if ca_file is not None and not ca_file.is_file():
+        raise table.error("ca_file", f"no such file: {ca_file}")
     values = dict(host=table.text("host"), port=table.integer("port", 1, 65535),  # noqa: C408
                   username=table.text("username"), password=password,
                   client_id=table.text("client_id"),
                   keepalive_s=table.integer("keepalive_s", 5, 65535),
-                  tls=table.get("tls", bool, "true or false"),
+                  tls=True if ca_file is not None else table.get("tls", bool, "true or false"),
+                  ca_file=None if ca_file is None else str(ca_file),  # implies tls
                   reconnect_max_s=table.number("reconnect_max_s", 1.0, low_open=False))
     return MqttBroker(**{key: getattr(base, key) if value is None else value
                          for key, value in values.items()})

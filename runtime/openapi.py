@@ -16,7 +16,7 @@ def openapi_document(archive: bool = False, api_keys: bool = False,
     """
     image = {"type": "string", "format": "binary"}
     form = {"type": "object", "properties": {
-        "image": {"type": "array", "items": image}, **openapi_form_properties()}}
+        "image": {"type": "array", "items": image}, **_openapi30(openapi_form_properties())}}
     paths = {"/v1/captions": {"post": _captions_operation(image, form)}, **HEALTH_PATHS}
     if archive:
         paths.update(ARCHIVE_PATHS)
@@ -40,10 +40,24 @@ def _keyed(operation: dict[str, Any]) -> dict[str, Any]:
     return {**operation, "security": [{"apiKey": []}], "responses": responses}
 
 
+def _openapi30(schema: Any) -> Any:
+    """``schema`` with JSON Schema's numeric ``exclusiveMinimum: X`` (how edgecap.options states
+    it) spelled as OpenAPI 3.0 wants: ``minimum: X, exclusiveMinimum: true``."""
+    if isinstance(schema, list):
+        return [_openapi30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    converted = {key: _openapi30(value) for key, value in schema.items()}
+    bound = converted.get("exclusiveMinimum")
+    if isinstance(bound, (int, float)) and not isinstance(bound, bool):
+        converted.update(minimum=bound, exclusiveMinimum=True)
+    return converted
+
+
 def _captions_operation(image: dict, form: dict) -> dict[str, Any]:
     return {
         "summary": "Caption one image (raw body) or several (multipart 'image' files)",
-        "parameters": openapi_parameters(),
+        "parameters": _openapi30(openapi_parameters()),
         "requestBody": {"content": {"image/*": {"schema": image},
                                     "multipart/form-data": {"schema": form}}},
         "responses": {
