@@ -258,6 +258,7 @@ def convert_webcaps(repo: str | Path, out: str | Path, commit: str = WEBCAPS_COM
     Returns:
         counts: images written, and the size of each split.
     """
+    check_commit(repo, commit)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     texts, urls, images = {}, {}, set()
@@ -290,6 +291,15 @@ def convert_webcaps(repo: str | Path, out: str | Path, commit: str = WEBCAPS_COM
     counts = {"images": len(names), **{s: len(p) for s, p in splits.items()}}
     (out / "SOURCE.md").write_text(webcaps_readme(commit, counts))
     return counts
+
+
+def check_commit(repo: str | Path, commit: str) -> None:
+    """Raise ValueError unless ``repo`` is a git repository that has ``commit``."""
+    found = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
+                            f"{commit}^{{commit}}"], capture_output=True)
+    if found.returncode != 0:
+        raise ValueError(f"{repo}: not a git repository with commit {commit} "
+                         f"(expected a clone or mirror of {WEBCAPS_REPO})")
 
 
 def webcaps_readme(commit: str, counts: dict[str, int]) -> str:
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             styles = sorted({c.style for caps in source.captions.values() for c in caps})
             report = {"images": len(source.captions), "styles": styles,
                       **{s: len(p) for s, p in source.splits.items()}}
-    except (CaptionsFormatError, subprocess.CalledProcessError, OSError) as exc:
+    except (ValueError, subprocess.CalledProcessError, tarfile.TarError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report))

@@ -158,3 +158,7 @@ def test_webcaps_converter_on_a_tiny_repository(tmp_path, sample_photos, capsys)
         "images": 5, "styles": [ALT_TEXT], "train": 3, "dev": 1, "test": 1}
     assert main(["check", str(tmp_path)]) == 1
     assert "exactly one of" in capsys.readouterr().err
+    assert main(["webcaps", "--repo", str(repo), "--out", str(tmp_path / "x"),
+                 "--commit", "0" * 40]) == 1
+    assert "not a git repository with commit 0000" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
