@@ -91,8 +91,9 @@ def _number(text: Any) -> float:
 
 
 GENERATION: tuple[Option, ...] = (
+    # The cap bounds what one request may cost a shared service (beam search grows with it).
     Option("num_beams", _integer, "beam width; 1 is greedy search",
-           {"type": "integer", "minimum": 1}, flags=("--beams", "--num-beams")),
+           {"type": "integer", "minimum": 1, "maximum": 32}, flags=("--beams", "--num-beams")),
     Option("max_new_tokens", _integer, "longest caption, in tokens",
            {"type": "integer", "minimum": 1}),
     Option("min_new_tokens", _integer, "shortest caption, in tokens (the end token is held back "
