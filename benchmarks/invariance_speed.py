@@ -66,9 +66,12 @@ def time_pair(models: dict[str, Path], images: list[Path], batch_size: int, beam
     times: dict[str, list[float]] = {name: [] for name in models}
     for captioner in captioners.values():
         captioner.caption(batches[0], batch_size=batch_size, num_beams=beams)  # warm-up
+    turn = 0
     for _ in range(rounds):
         for batch in batches:
-            for name, captioner in captioners.items():
+            turn += 1
+            order = list(captioners.items())
+            for name, captioner in order if turn % 2 else order[::-1]:  # neither always first
                 began = time.perf_counter()
                 captioner.caption(batch, batch_size=batch_size, num_beams=beams)
                 times[name].append((time.perf_counter() - began) * 1e3 / len(batch))

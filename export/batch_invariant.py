@@ -158,7 +158,49 @@ def calibrated_activations(model: onnx.ModelProto, ranges: dict[str, tuple[float
         for m in matmuls:
             fused = _matmul_to_float(m, quantized, scale_name, zero_name, m.output_mul.output[0])
             _replace(graph, [m.matmul, m.cast, m.output_mul, m.scales_mul], [fused])
+            _absorb_bias(graph, fused)
+    dequantize_embedding_lookup(graph)
     return len(groups)
+
+
+def _absorb_bias(graph: onnx.GraphProto, fused: onnx.NodeProto) -> None:
+    """Fold a following Add of a constant bias into the fused matmul's bias input: one kernel
+    less per step (ORT fuses it for DynamicQuantizeMatMul, not for a hand-built node)."""
+    fused = next(n for n in graph.node if n.name == fused.name)  # the graph holds a copy
+    consumers = [n for n in graph.node if fused.output[0] in n.input]
+    inits = {i.name: i for i in graph.initializer}
+    if len(consumers) != 1 or consumers[0].op_type != "Add" or fused.output[0] in [o.name for o in graph.output]:
+        return
+    add = consumers[0]
+    bias = next((i for i in add.input if i != fused.output[0]), "")
+    if bias not in inits or list(inits[bias].dims) != [numpy_helper.to_array(inits[fused.input[1]]).shape[1]]:
+        return
+    fused.input.append(bias)
+    fused.output[0] = add.output[0]
+    graph.node.remove(add)
+
+
+def dequantize_embedding_lookup(graph: onnx.GraphProto) -> None:
+    """Gather(int8) -> Cast -> Sub(zero point) -> Mul(scale) becomes Gather -> DequantizeLinear:
+    the same arithmetic in one kernel instead of three, on every decoder step."""
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for gather in [n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith("_quantized")]:
+        cast = _only(consumers.get(gather.output[0], []), "Cast")
+        sub = _only(consumers.get(cast.output[0], []), "Sub") if cast else None
+        mul = _only(consumers.get(sub.output[0], []), "Mul") if sub else None
+        zero = gather.input[0].removesuffix("_quantized") + "_zero_point"
+        if mul is None or zero not in inits:
+            continue
+        scale = next(i for i in mul.input if i != sub.output[0])
+        dequantize = helper.make_node("DequantizeLinear", [gather.output[0], scale, zero],
+                                      [mul.output[0]], name=f"{gather.name}_dequantize")
+        _replace(graph, [cast, sub, mul], [dequantize])
+        if not any(sub.input[1] in n.input for n in graph.node):
+            graph.initializer.remove(inits[sub.input[1]])
 
 
 class _RangeRecorder:
@@ -181,43 +223,61 @@ class _RangeRecorder:
         return self.session.get_inputs()
 
 
-def decoder_activation_ranges(export_dir: Path, images: list[Path]) -> dict[str, tuple[float, float]]:
-    """Min/max of every dynamically quantized decoder activation while ``images`` are captioned
-    (greedy and beam, batches of 8) by the export in ``export_dir``."""
+def _recorder(path: Path, session_config: dict[str, str]) -> _RangeRecorder:
+    """A session on the graph at ``path`` that also returns its dynamically quantized inputs."""
     import onnxruntime as ort
 
-    from edgecap import Captioner
-
-    captioner = Captioner(export_dir)
-    manifest = captioner.manifest
-    model = onnx.load(str(export_dir / manifest.decoder_file))
+    model = onnx.load(str(path))
     activations = [dql.input[0] for dql, _ in dynamic_groups(model.graph)]
     for name in activations:
         model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
-    for key, value in manifest.quantization.get("session_config", {}).items():
+    for key, value in session_config.items():
         options.add_session_config_entry(key, value)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    recorder = _RangeRecorder(session, activations)
-    captioner.runner.decoder = recorder
-    for beams in CALIBRATION_BEAMS:
-        captioner.caption(images, num_beams=beams, batch_size=8)
+    return _RangeRecorder(session, activations)
+
+
+def activation_ranges(export_dir: Path, images: list[Path],
+                      graph: str = "decoder") -> dict[str, tuple[float, float]]:
+    """Min/max of every dynamically quantized activation of ``graph`` ("encoder" or "decoder")
+    while the export in ``export_dir`` captions ``images`` (greedy and beam, batches of 8)."""
+    from edgecap import Captioner
+
+    captioner = Captioner(export_dir)
+    manifest = captioner.manifest
+    config = manifest.quantization.get("session_config", {})
+    if graph == "encoder":
+        recorder = _recorder(export_dir / manifest.encoder_file, config)
+        captioner.runner.encoder = recorder
+        captioner.caption(images, num_beams=1, batch_size=8, max_new_tokens=1)
+    else:
+        recorder = _recorder(export_dir / manifest.decoder_file, config)
+        captioner.runner.decoder = recorder
+        for beams in CALIBRATION_BEAMS:
+            captioner.caption(images, num_beams=beams, batch_size=8)
     return recorder.ranges
 
 
-def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] | None = None) -> dict:
+def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] | None = None,
+                         calibrate_encoder: bool = False) -> dict:
     """Rewrite an int8-dynamic (or int4) export in place so no caption depends on its batch.
 
-    The encoder is quantized per row; the decoder per row, or with calibrated fixed scales when
-    ``calibration_images`` are given (as fast as the dynamic kernel at one row). Records what it
-    did under the manifest's ``quantization.activations`` and returns that record.
+    The encoder is quantized per row (or, with ``calibrate_encoder``, with calibrated fixed
+    scales); the decoder per row, or with calibrated fixed scales when ``calibration_images``
+    are given (as fast as the dynamic kernel at one row). Records what it did under the
+    manifest's ``quantization.activations`` and returns that record.
     """
     export_dir = Path(export_dir)
     manifest = Manifest.read(export_dir)
     record = {"encoder": "per-row", "decoder": "per-row"}
     encoder_path = export_dir / manifest.encoder_file
     encoder = onnx.load(str(encoder_path))
-    if per_row_activations(encoder):
+    if calibrate_encoder and calibration_images and dynamic_groups(encoder.graph):
+        calibrated_activations(encoder, activation_ranges(export_dir, calibration_images, "encoder"))
+        record["encoder"] = "calibrated"
+        onnx.save(encoder, str(encoder_path))
+    elif per_row_activations(encoder):
         onnx.save(encoder, str(encoder_path))
     decoder_path = export_dir / manifest.decoder_file
     decoder = onnx.load(str(decoder_path))
@@ -225,7 +285,7 @@ def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] 
         # int4 / int8-block: MatMulNBits quantizes activations per row inside the kernel.
         record["decoder"] = "in-kernel"
     elif calibration_images:
-        ranges = decoder_activation_ranges(export_dir, calibration_images)  # with the new encoder
+        ranges = activation_ranges(export_dir, calibration_images)  # with the new encoder
         calibrated_activations(decoder, ranges)
         record["decoder"] = "calibrated"
         record["calibration_images"] = [p.name for p in calibration_images]  # reproducible
@@ -244,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="export directory (rewritten in place)")
     parser.add_argument("--calibration", type=Path, help="image folder: calibrated decoder scales")
     parser.add_argument("--calibration-count", type=int, default=200)
+    parser.add_argument("--calibrate-encoder", action="store_true",
+                        help="fixed calibrated scales in the encoder too, instead of per row")
     args = parser.parse_args(argv)
     images = None
     if args.calibration is not None:
         from .quantize import _calibration_images
 
         images = _calibration_images(args.calibration, args.calibration_count)
-    print(json.dumps(make_batch_invariant(args.model, images)))
+    print(json.dumps(make_batch_invariant(args.model, images, args.calibrate_encoder)))
     return 0
 
 

@@ -4,6 +4,7 @@ size and composition, greedy and beam, for every format export writes and for th
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,28 @@ def test_serve_burst_returns_what_caption_prints(photos, capsys):
     singles = [line for line in metrics.splitlines() if line.startswith('edgecap_batch_size_bucket{le="1.0"}')]
     assert float(batched[0].split()[-1]) < len(photos) * 2, "the burst was never batched"
     print(f"{len(replies)} requests in {batched[0].split()[-1]} batches ({singles})")
+
+
+def test_existing_per_tensor_export_converts_in_place(tiny_export, tmp_path, sample_photos):
+    """The rewrite that converted the shipped model: a per-tensor int8-dynamic export (as ORT's
+    quantize_dynamic writes it) becomes batch-invariant in place, weights untouched; with
+    ``calibrate_encoder`` both graphs get fixed scales."""
+    pytest.importorskip("torch")
+    from unittest import mock
+
+    from edgecap.export import quantize
+    from edgecap.export.batch_invariant import make_batch_invariant
+    from edgecap.manifest import Manifest
+
+    per_tensor = tmp_path / "per-tensor"
+    with mock.patch.object(quantize, "_batch_invariant", lambda staging, *_: Manifest.read(staging)):
+        quantize.quantize_export(tiny_export, per_tensor, mode="int8-dynamic")
+    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(per_tensor / "decoder.onnx")).graph.node}
+    photos, calibration = sample_photos(12)[:8], sample_photos(12)[8:]
+    for calibrate_encoder in (False, True):
+        converted = tmp_path / f"converted-{calibrate_encoder}"
+        shutil.copytree(per_tensor, converted)
+        record = make_batch_invariant(converted, calibration, calibrate_encoder=calibrate_encoder)
+        assert record["decoder"] == "calibrated"
+        assert record["encoder"] == ("calibrated" if calibrate_encoder else "per-row")
+        assert_rows_bitwise_independent(Captioner(converted), photos)
