@@ -321,6 +321,7 @@ def run_ray_caption(args: argparse.Namespace) -> int:
     import ray  # noqa: F401 - only here: without the [ray] extra the CLI names it in one line
 
     generation = check_generation(generation_from_args(args))
+    check_model_here(args.model, args.device, generation)
     if args.out is None:
         done: set[str] = set()
     else:
@@ -332,6 +333,18 @@ def run_ray_caption(args: argparse.Namespace) -> int:
               else {"ok": 0, "error": 0})
     _summarize(counts, len(sources) - len(todo), args)
     return 1 if counts["error"] else 0
+
+
+def check_model_here(model: str | None, device: str, generation: dict[str, Any]) -> None:
+    """Load the model once on the driver, when it can see it, so a bad model or a combination
+    of options it rejects is one line here instead of every actor failing on the cluster. A path
+    only the workers have is left to them."""
+    if model is not None and not Path(model).is_dir():
+        log.warning("%s is not a folder here; the workers must have it", model)
+        return
+    from .captioner import Captioner
+
+    Captioner(model, device=device, cpu_threads=1).options(**generation)
 
 
 def _caption_on_ray(sources: list[str], args: argparse.Namespace, generation: dict[str, Any],

@@ -302,3 +302,30 @@ def test_ray_before_the_inputs_is_not_taken_as_an_address(capsys):
     data = Path(__file__).parent / "data"
     assert main(["caption", "--ray", str(data), str(data / "cat.jpg")]) == 2
     assert "put --ray after the inputs" in capsys.readouterr().err
+
+
+def test_an_unexpected_failure_costs_only_its_own_item():
+    """A failure that is not a bad image (an onnxruntime crash, say) is narrowed down to the
+    input that causes it; the rest of the batch keeps its captions."""
+    from edgecap import CaptionResult
+    from edgecap.distributed import caption_items
+
+    class Flaky:
+        def caption_stream(self, items, batch_size, **generation):
+            if any(source == "poison.jpg" for source, _ in items):
+                raise RuntimeError("kernel failed")
+            return [CaptionResult("a cat", [257], -0.5, source) for source, _ in items]
+
+    items = [("a.jpg", b"x"), ("poison.jpg", b"y"), ("b.jpg", b"z")]
+    records = caption_items(Flaky(), items, 8, {})
+    assert [r["source"] for r in records] == ["a.jpg", "poison.jpg", "b.jpg"]
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert records[1]["error"] == "captioning failed (RuntimeError: kernel failed)"
+
+
+def test_a_bad_model_or_option_fails_before_the_cluster_starts(tmp_path, capsys):
+    image = str(Path(__file__).parent / "data" / "cat.jpg")
+    assert main(["caption", image, "--ray", "--model", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"edgecap: error: {tmp_path}")
+    assert main(["caption", image, "--ray", "--max-new-tokens", "100000"]) == 1
+    assert "max_new_tokens 100000 exceeds" in capsys.readouterr().err
