@@ -47,8 +47,9 @@ def build_vit_gpt2_pair(root: Path, calibration_count: int) -> tuple[Path, Path]
         export_pretrained(build_vit_gpt2(root / "hf"), fp32)
     if not (baseline / "manifest.json").is_file():
         # The format before batch invariance: quantize_dynamic's per-tensor activation scales.
-        with mock.patch.object(quantize, "_batch_invariant",
-                               lambda staging, *_: Manifest.read(staging)):
+        with mock.patch.object(
+            quantize, "_batch_invariant", lambda staging, *_: Manifest.read(staging)
+        ):
             quantize.quantize_export(fp32, baseline, mode="int8-dynamic")
     if not (invariant / "manifest.json").is_file():
         shutil.copytree(baseline, invariant)
@@ -56,8 +57,9 @@ def build_vit_gpt2_pair(root: Path, calibration_count: int) -> tuple[Path, Path]
     return baseline, invariant
 
 
-def time_pair(models: dict[str, Path], images: list[Path], batch_size: int, beams: int,
-              rounds: int) -> dict:
+def time_pair(
+    models: dict[str, Path], images: list[Path], batch_size: int, beams: int, rounds: int
+) -> dict:
     """Per-image ms of each model, batches alternating between the models."""
     from edgecap import Captioner
 
@@ -75,8 +77,10 @@ def time_pair(models: dict[str, Path], images: list[Path], batch_size: int, beam
                 began = time.perf_counter()
                 captioner.caption(batch, batch_size=batch_size, num_beams=beams)
                 times[name].append((time.perf_counter() - began) * 1e3 / len(batch))
-    report = {name: {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95))}
-              for name, t in times.items()}
+    report = {
+        name: {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95))}
+        for name, t in times.items()
+    }
     first, second = list(report)
     report["ratio_p50"] = report[first]["p50_ms"] / report[second]["p50_ms"]
     return report
@@ -85,7 +89,9 @@ def time_pair(models: dict[str, Path], images: list[Path], batch_size: int, beam
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", type=Path, help="baseline and invariant export dirs")
-    parser.add_argument("--vit-gpt2", type=Path, help="build and time the ViT-base + GPT-2 pair here")
+    parser.add_argument(
+        "--vit-gpt2", type=Path, help="build and time the ViT-base + GPT-2 pair here"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--images", type=int, default=48)

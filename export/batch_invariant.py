@@ -72,11 +72,21 @@ def dynamic_groups(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, list[Dy
         for mm in consumers.get(dql.output[0], []):
             cast = _only(consumers.get(mm.output[0], []), "Cast")
             output_mul = _only(consumers.get(cast.output[0], []) if cast else [], "Mul")
-            scales_mul = next((n for n in consumers.get(dql.output[1], []) if n.op_type == "Mul"
-                               and output_mul is not None and n.output[0] in output_mul.input), None)
+            scales_mul = next(
+                (
+                    n
+                    for n in consumers.get(dql.output[1], [])
+                    if n.op_type == "Mul"
+                    and output_mul is not None
+                    and n.output[0] in output_mul.input
+                ),
+                None,
+            )
             if mm.op_type != "MatMulInteger" or output_mul is None or scales_mul is None:
-                raise ValueError(f"{dql.name}: quantized activation read by {mm.op_type} {mm.name!r} "
-                                 "outside the MatMulInteger -> Cast -> Mul pattern")
+                raise ValueError(
+                    f"{dql.name}: quantized activation read by {mm.op_type} {mm.name!r} "
+                    "outside the MatMulInteger -> Cast -> Mul pattern"
+                )
             matmuls.append(DynamicMatMul(mm, scales_mul, cast, output_mul, dql.output[1]))
         groups.append((dql, matmuls))
     return groups
@@ -87,7 +97,7 @@ def _only(nodes: list[onnx.NodeProto], op_type: str) -> onnx.NodeProto | None:
 
 
 def _replace(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
-    """Put ``new`` where the first of ``old`` was (inputs are defined before it) and drop ``old``."""
+    """Put ``new`` where the first of ``old`` was (its inputs exist there); drop ``old``."""
     position = min(list(graph.node).index(n) for n in old)
     for node in old:
         graph.node.remove(node)
@@ -95,41 +105,62 @@ def _replace(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.N
         graph.node.insert(position + offset, node)
 
 
-def _matmul_to_float(m: DynamicMatMul, quantized: str, a_scale: str, a_zero: str,
-                     output: str) -> onnx.NodeProto:
+def _matmul_to_float(
+    m: DynamicMatMul, quantized: str, a_scale: str, a_zero: str, output: str
+) -> onnx.NodeProto:
     """The fused integer matmul ORT would build itself, with our activation scale/zero point."""
     w_zero = m.matmul.input[3] if len(m.matmul.input) > 3 else ""
     return helper.make_node(
-        "MatMulIntegerToFloat", [quantized, m.matmul.input[1], a_scale, m.weight_scale, a_zero, w_zero],
-        [output], domain="com.microsoft", name=f"{m.matmul.name}_to_float")
+        "MatMulIntegerToFloat",
+        [quantized, m.matmul.input[1], a_scale, m.weight_scale, a_zero, w_zero],
+        [output],
+        domain="com.microsoft",
+        name=f"{m.matmul.name}_to_float",
+    )
 
 
 def per_row_activations(model: onnx.ModelProto) -> int:
     """Quantize every dynamic activation per row of its last axis (symmetric); returns groups."""
     graph = model.graph
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "row_quant_scale"),
-        numpy_helper.from_array(np.array(128, np.uint8), "row_quant_zero"),
-        numpy_helper.from_array(np.array(ROW_EPSILON, np.float32), "row_quant_epsilon"),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(1 / 127, np.float32), "row_quant_scale"),
+            numpy_helper.from_array(np.array(128, np.uint8), "row_quant_zero"),
+            numpy_helper.from_array(np.array(ROW_EPSILON, np.float32), "row_quant_epsilon"),
+        ]
+    )
     groups = dynamic_groups(graph)
     for dql, matmuls in groups:
         x, base = dql.input[0], dql.name
         peak, unit, quantized = f"{base}_row_peak", f"{base}_row_unit", f"{base}_row_q"
         nodes = [
             helper.make_node("Abs", [x], [f"{base}_row_abs"], name=f"{base}_row_abs"),
-            helper.make_node("ReduceMax", [f"{base}_row_abs"], [f"{base}_row_max"], axes=[-1],
-                             keepdims=1, name=f"{base}_row_max"),
+            helper.make_node(
+                "ReduceMax",
+                [f"{base}_row_abs"],
+                [f"{base}_row_max"],
+                axes=[-1],
+                keepdims=1,
+                name=f"{base}_row_max",
+            ),
             helper.make_node("Max", [f"{base}_row_max", "row_quant_epsilon"], [peak], name=peak),
             helper.make_node("Div", [x, peak], [unit], name=unit),  # every row within [-1, 1]
-            helper.make_node("QuantizeLinear", [unit, "row_quant_scale", "row_quant_zero"],
-                             [quantized], name=quantized),
+            helper.make_node(
+                "QuantizeLinear",
+                [unit, "row_quant_scale", "row_quant_zero"],
+                [quantized],
+                name=quantized,
+            ),
         ]
         _replace(graph, [dql], nodes)
         for m in matmuls:
             output = m.output_mul.output[0]
-            fused = _matmul_to_float(m, quantized, "row_quant_scale", "row_quant_zero", f"{output}_unit")
-            rescale = helper.make_node("Mul", [f"{output}_unit", peak], [output], name=f"{output}_rescale")
+            fused = _matmul_to_float(
+                m, quantized, "row_quant_scale", "row_quant_zero", f"{output}_unit"
+            )
+            rescale = helper.make_node(
+                "Mul", [f"{output}_unit", peak], [output], name=f"{output}_rescale"
+            )
             _replace(graph, [m.matmul, m.cast, m.output_mul, m.scales_mul], [fused, rescale])
     return len(groups)
 
@@ -150,10 +181,15 @@ def calibrated_activations(model: onnx.ModelProto, ranges: dict[str, tuple[float
         scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
         zero = np.uint8(np.clip(np.round(-low / scale), 0, 255))
         scale_name, zero_name, quantized = f"{x}_static_scale", f"{x}_static_zero", f"{x}_static_q"
-        graph.initializer.extend([numpy_helper.from_array(np.array(scale), scale_name),
-                                  numpy_helper.from_array(np.array(zero), zero_name)])
-        quantize = helper.make_node("QuantizeLinear", [x, scale_name, zero_name], [quantized],
-                                    name=f"{dql.name}_static")
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(scale), scale_name),
+                numpy_helper.from_array(np.array(zero), zero_name),
+            ]
+        )
+        quantize = helper.make_node(
+            "QuantizeLinear", [x, scale_name, zero_name], [quantized], name=f"{dql.name}_static"
+        )
         _replace(graph, [dql], [quantize])
         for m in matmuls:
             fused = _matmul_to_float(m, quantized, scale_name, zero_name, m.output_mul.output[0])
@@ -169,11 +205,17 @@ def _absorb_bias(graph: onnx.GraphProto, fused: onnx.NodeProto) -> None:
     fused = next(n for n in graph.node if n.name == fused.name)  # the graph holds a copy
     consumers = [n for n in graph.node if fused.output[0] in n.input]
     inits = {i.name: i for i in graph.initializer}
-    if len(consumers) != 1 or consumers[0].op_type != "Add" or fused.output[0] in [o.name for o in graph.output]:
+    if (
+        len(consumers) != 1
+        or consumers[0].op_type != "Add"
+        or fused.output[0] in [o.name for o in graph.output]
+    ):
         return
     add = consumers[0]
     bias = next((i for i in add.input if i != fused.output[0]), "")
-    if bias not in inits or list(inits[bias].dims) != [numpy_helper.to_array(inits[fused.input[1]]).shape[1]]:
+    if bias not in inits or list(inits[bias].dims) != [
+        numpy_helper.to_array(inits[fused.input[1]]).shape[1]
+    ]:
         return
     fused.input.append(bias)
     fused.output[0] = add.output[0]
@@ -188,7 +230,9 @@ def dequantize_embedding_lookup(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    for gather in [n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith("_quantized")]:
+    for gather in [
+        n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith("_quantized")
+    ]:
         cast = _only(consumers.get(gather.output[0], []), "Cast")
         sub = _only(consumers.get(cast.output[0], []), "Sub") if cast else None
         mul = _only(consumers.get(sub.output[0], []), "Mul") if sub else None
@@ -196,8 +240,12 @@ def dequantize_embedding_lookup(graph: onnx.GraphProto) -> None:
         if mul is None or zero not in inits:
             continue
         scale = next(i for i in mul.input if i != sub.output[0])
-        dequantize = helper.make_node("DequantizeLinear", [gather.output[0], scale, zero],
-                                      [mul.output[0]], name=f"{gather.name}_dequantize")
+        dequantize = helper.make_node(
+            "DequantizeLinear",
+            [gather.output[0], scale, zero],
+            [mul.output[0]],
+            name=f"{gather.name}_dequantize",
+        )
         _replace(graph, [cast, sub, mul], [dequantize])
         if not any(sub.input[1] in n.input for n in graph.node):
             graph.initializer.remove(inits[sub.input[1]])
@@ -214,7 +262,7 @@ class _RangeRecorder:
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs = self.session.run(list(names) + self.activations, feeds)
-        for name, value in zip(self.activations, outputs[len(names):]):
+        for name, value in zip(self.activations, outputs[len(names) :]):
             low, high = self.ranges[name]
             self.ranges[name] = (min(low, float(value.min())), max(high, float(value.max())))
         return outputs[: len(names)]
@@ -234,12 +282,15 @@ def _recorder(path: Path, session_config: dict[str, str]) -> _RangeRecorder:
     options = ort.SessionOptions()
     for key, value in session_config.items():
         options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return _RangeRecorder(session, activations)
 
 
-def activation_ranges(export_dir: Path, images: list[Path],
-                      graph: str = "decoder") -> dict[str, tuple[float, float]]:
+def activation_ranges(
+    export_dir: Path, images: list[Path], graph: str = "decoder"
+) -> dict[str, tuple[float, float]]:
     """Min/max of every dynamically quantized activation of ``graph`` ("encoder" or "decoder")
     while the export in ``export_dir`` captions ``images`` (greedy and beam, batches of 8)."""
     from edgecap import Captioner
@@ -259,8 +310,11 @@ def activation_ranges(export_dir: Path, images: list[Path],
     return recorder.ranges
 
 
-def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] | None = None,
-                         calibrate_encoder: bool = False) -> dict:
+def make_batch_invariant(
+    export_dir: str | Path,
+    calibration_images: list[Path] | None = None,
+    calibrate_encoder: bool = False,
+) -> dict:
     """Rewrite an int8-dynamic (or int4) export in place so no caption depends on its batch.
 
     The encoder is quantized per row (or, with ``calibrate_encoder``, with calibrated fixed
@@ -274,7 +328,9 @@ def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] 
     encoder_path = export_dir / manifest.encoder_file
     encoder = onnx.load(str(encoder_path))
     if calibrate_encoder and calibration_images and dynamic_groups(encoder.graph):
-        calibrated_activations(encoder, activation_ranges(export_dir, calibration_images, "encoder"))
+        calibrated_activations(
+            encoder, activation_ranges(export_dir, calibration_images, "encoder")
+        )
         record["encoder"] = "calibrated"
         onnx.save(encoder, str(encoder_path))
     elif per_row_activations(encoder):
@@ -300,12 +356,17 @@ def make_batch_invariant(export_dir: str | Path, calibration_images: list[Path] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Make an int8-dynamic export batch-invariant, in place.")
+    parser = argparse.ArgumentParser(
+        description="Make an int8-dynamic export batch-invariant, in place."
+    )
     parser.add_argument("model", type=Path, help="export directory (rewritten in place)")
     parser.add_argument("--calibration", type=Path, help="image folder: calibrated decoder scales")
     parser.add_argument("--calibration-count", type=int, default=200)
-    parser.add_argument("--calibrate-encoder", action="store_true",
-                        help="fixed calibrated scales in the encoder too, instead of per row")
+    parser.add_argument(
+        "--calibrate-encoder",
+        action="store_true",
+        help="fixed calibrated scales in the encoder too, instead of per row",
+    )
     args = parser.parse_args(argv)
     images = None
     if args.calibration is not None:

@@ -19,8 +19,9 @@ PHOTOS = 16
 BATCHES = (3, 8)
 
 
-def assert_same_tokens_in_any_batch(captioner: Captioner, photos: list[Path], num_beams: int,
-                                    max_new_tokens: int) -> None:
+def assert_same_tokens_in_any_batch(
+    captioner: Captioner, photos: list[Path], num_beams: int, max_new_tokens: int
+) -> None:
     """Each photo alone, then all of them shuffled into batches of 3 and of 8: same tokens."""
     options = {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
     alone = {p: captioner.caption([p], batch_size=1, **options)[0].token_ids for p in photos}
@@ -34,8 +35,9 @@ def assert_same_tokens_in_any_batch(captioner: Captioner, photos: list[Path], nu
         assert not changed, f"batch {batch_size}, beams {num_beams}: captions changed for {changed}"
 
 
-def assert_rows_bitwise_independent(captioner: Captioner, photos: list[Path],
-                                    logits_atol: float = 0.0) -> None:
+def assert_rows_bitwise_independent(
+    captioner: Captioner, photos: list[Path], logits_atol: float = 0.0
+) -> None:
     """Stronger than equal tokens: the encoder output and first-step logits of each image are
     bit-identical alone and in a batch (a shared scale would perturb them slightly).
 
@@ -72,17 +74,28 @@ def tiny_formats(tiny_export, tmp_path_factory, sample_photos) -> dict[str, Path
     for photo in sample_photos(20)[PHOTOS:]:  # not the photos under test
         (calibration / photo.name).write_bytes(photo.read_bytes())
     formats = {"fp32": tiny_export}
-    for name, mode, folder in (("int8", "int8-dynamic", calibration),
-                               ("int8-uncalibrated", "int8-dynamic", None), ("int4", "int4", None)):
-        quantize_export(tiny_export, root / name, mode=mode, calibration=folder,
-                        calibration_count=4, block_size=32)
+    for name, mode, folder in (
+        ("int8", "int8-dynamic", calibration),
+        ("int8-uncalibrated", "int8-dynamic", None),
+        ("int4", "int4", None),
+    ):
+        quantize_export(
+            tiny_export,
+            root / name,
+            mode=mode,
+            calibration=folder,
+            calibration_count=4,
+            block_size=32,
+        )
         formats[name] = root / name
     return formats
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("name", ["fp32", "int8", "int8-uncalibrated", "int4"])
-def test_tiny_formats_caption_each_image_the_same_in_any_batch(tiny_formats, photos, name, num_beams):
+def test_tiny_formats_caption_each_image_the_same_in_any_batch(
+    tiny_formats, photos, name, num_beams
+):
     captioner = Captioner(tiny_formats[name])
     assert_same_tokens_in_any_batch(captioner, photos, num_beams, max_new_tokens=8)
     if num_beams == 1:
@@ -97,7 +110,10 @@ def test_int8_has_no_activation_scale_shared_across_rows(tiny_formats):
         for graph in ("encoder.onnx", "decoder.onnx"):
             ops = {n.op_type for n in onnx.load(str(tiny_formats[name] / graph)).graph.node}
             assert "DynamicQuantizeLinear" not in ops, (name, graph)
-    assert Captioner(tiny_formats["int8"]).manifest.quantization["activations"]["decoder"] == "calibrated"
+    assert (
+        Captioner(tiny_formats["int8"]).manifest.quantization["activations"]["decoder"]
+        == "calibrated"
+    )
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -125,8 +141,9 @@ def test_serve_burst_returns_what_caption_prints(photos, capsys):
     server = Server(default_model_dir(), "--max-wait-ms", "50")
     try:
         with ThreadPoolExecutor(len(photos)) as pool:
-            replies = list(pool.map(
-                lambda p: request(server.url + "/v1/captions", p.read_bytes()), photos * 2))
+            replies = list(
+                pool.map(lambda p: request(server.url + "/v1/captions", p.read_bytes()), photos * 2)
+            )
         metrics = request(server.url + "/metrics")[1]
     finally:
         assert server.stop() == 0
@@ -134,7 +151,11 @@ def test_serve_burst_returns_what_caption_prints(photos, capsys):
     served = [body["generated_text"] for _, body, _ in replies]
     assert served == [printed[p] for p in photos * 2]
     batched = [line for line in metrics.splitlines() if line.startswith("edgecap_batch_size_count")]
-    singles = [line for line in metrics.splitlines() if line.startswith('edgecap_batch_size_bucket{le="1.0"}')]
+    singles = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('edgecap_batch_size_bucket{le="1.0"}')
+    ]
     assert float(batched[0].split()[-1]) < len(photos) * 2, "the burst was never batched"
     print(f"{len(replies)} requests in {batched[0].split()[-1]} batches ({singles})")
 
@@ -151,9 +172,13 @@ def test_existing_per_tensor_export_converts_in_place(tiny_export, tmp_path, sam
     from edgecap.manifest import Manifest
 
     per_tensor = tmp_path / "per-tensor"
-    with mock.patch.object(quantize, "_batch_invariant", lambda staging, *_: Manifest.read(staging)):
+    with mock.patch.object(
+        quantize, "_batch_invariant", lambda staging, *_: Manifest.read(staging)
+    ):
         quantize.quantize_export(tiny_export, per_tensor, mode="int8-dynamic")
-    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(per_tensor / "decoder.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in {
+        n.op_type for n in onnx.load(str(per_tensor / "decoder.onnx")).graph.node
+    }
     photos, calibration = sample_photos(12)[:8], sample_photos(12)[8:]
     for calibrate_encoder in (False, True):
         converted = tmp_path / f"converted-{calibrate_encoder}"
