@@ -13,6 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger("edgecap.bench")
 
+PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "data"
 # GPT-2's full byte-level BPE, as the shipped default model's tokenizer holds it.
 GPT2_TOKENIZER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "default" / "tokenizer.json"
 
@@ -84,7 +85,10 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = MODES, tiny: bool = Fals
             continue
         target = root / f"edgecap-{mode}"
         if not (target / "manifest.json").is_file() or Manifest.read(target).quantization["mode"] != mode:
-            quantize_export(fp32, target, mode=mode)
+            # int8-dynamic calibrates its decoder's activation scales (the batch-invariant
+            # format's fast path) on the photos that ship in tests/data.
+            calibration = PHOTOS if mode == "int8-dynamic" else None
+            quantize_export(fp32, target, mode=mode, calibration=calibration)
         paths[mode] = target
     return paths
 

@@ -101,7 +101,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int4 and int8-block: weights sharing one scale (16..256, power of 2; default 128, "
                         "ONNX Runtime's own default; 32 is finer and about 20%% slower per step)")
     parser.add_argument("--calibration", type=Path,
-                        help="folder of images for int8-static calibration")
+                        help="folder of representative images: int8-static needs it; int8-dynamic "
+                        "uses it to fix the decoder's activation scales (faster, still "
+                        "batch-invariant; without it each row is scaled on its own)")
     parser.add_argument("--calibration-count", type=int, default=64,
                         help="images used for calibration (default 64, sorted by name)")
     parser.add_argument("--keep-float", action="append", default=[], metavar="NODE",

@@ -19,3 +19,13 @@ def test_default_model_is_small_int8_and_captions(flickr_images, capsys):
     assert greedy.text and greedy.token_ids
     assert main(["caption", str(flickr_images[0])]) == 0
     assert capsys.readouterr().out.strip() == result.text
+
+
+def test_shipped_manifest_names_no_private_path():
+    """Files people ship must not carry the paths of the machine that made them."""
+    import re
+
+    from edgecap.captioner import default_model_dir
+
+    text = (default_model_dir() / "manifest.json").read_text()
+    assert not re.search(r'"(/|[A-Za-z]:\\\\)|/work/|/root/|/home/|/tmp/', text)
