@@ -57,7 +57,7 @@ def shared(paths: list[Path], folder: Path, model: list[str]) -> tuple[list[dict
     config.write_text("".join(f'[[camera]]\nname = "cam{i}"\nsource = "{p}"\nrealtime = true\n'
                               f'heartbeat = {HEARTBEAT_S}\n\n'
                               for i, p in enumerate(paths)))
-    out = folder / "shared.jsonl"
+    out = folder / f"shared-{len(paths)}.jsonl"
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "edgecap.cli", "watch", "--config",
                                 str(config), "--out", str(out), *model],
@@ -69,7 +69,7 @@ def shared(paths: list[Path], folder: Path, model: list[str]) -> tuple[list[dict
 
 
 def separate(paths: list[Path], folder: Path, model: list[str]) -> tuple[list[dict], float, float]:
-    outs = [folder / f"separate{i}.jsonl" for i in range(len(paths))]
+    outs = [folder / f"separate-{len(paths)}-{i}.jsonl" for i in range(len(paths))]
     started = time.perf_counter()
     processes = [subprocess.Popen([sys.executable, "-m", "edgecap.cli", "watch", str(p),
                                    "--realtime", "--heartbeat", str(HEARTBEAT_S),
