@@ -14,6 +14,7 @@ pytest.importorskip("starlette")
 
 from edgecap.archive import Archive  # noqa: E402
 
+from browser import headless_page  # noqa: E402
 from test_server import Server, request  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent / "data"
@@ -100,14 +101,7 @@ def test_openapi_lists_the_archive_endpoints(archive_server):
 
 
 def test_demo_page_searches_the_archive(archive_server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium for the headless browser check")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium,
-                                             args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 900, "height": 900})
+    with headless_page(viewport={"width": 900, "height": 900}) as page:
         page.goto(archive_server.url + "/")
         page.wait_for_selector("#archive", state="visible", timeout=30000)
         page.fill("#query", "man")
@@ -119,4 +113,3 @@ def test_demo_page_searches_the_archive(archive_server, tmp_path):
         page.wait_for_function("[...document.querySelectorAll('#timeline img')]"
                                ".every(img => img.complete && img.naturalWidth > 0)", timeout=30000)
         page.screenshot(path=str(tmp_path / "archive-search.png"), full_page=True)
-        browser.close()

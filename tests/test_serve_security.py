@@ -35,6 +35,7 @@ from edgecap.serve_security import (
     load_api_keys,
 )
 from test_serve_archive import archive_db  # noqa: F401 - the fixture, shared
+from browser import headless_page  # noqa: E402
 from test_server import Server, free_port, request
 
 KEY = "k3y-" + "0123456789abcdef" * 2
@@ -268,14 +269,7 @@ def test_slow_body_is_cut_off(keyed):
 
 
 def test_demo_page_with_a_key_in_a_browser(keyed):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium for the headless browser check")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium,
-                                             args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
+    with headless_page() as page:
         blocked: list[str] = []
         page.on("console", lambda msg: blocked.append(msg.text) if "Content Security" in msg.text
                 else None)
@@ -289,7 +283,6 @@ def test_demo_page_with_a_key_in_a_browser(keyed):
         page.wait_for_selector("#timeline li", timeout=30000)
         page.wait_for_function("[...document.querySelectorAll('#timeline img')]"
                                ".every(img => img.complete && img.naturalWidth > 0)", timeout=30000)
-        browser.close()
     assert not blocked, blocked
 
 
