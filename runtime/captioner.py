@@ -12,8 +12,7 @@ import numpy as np
 
 from .decoding import Hypothesis, beam_search, greedy_search
 from .errors import EdgecapError, ModelError, OptionsError
-from .manifest import (PIXEL_VALUES, GenerationOptions, Manifest, cross_names,
-                       decoder_input_names)
+from .manifest import PIXEL_VALUES, GenerationOptions, Manifest
 from .options import check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
 from .results import CaptionFailure, CaptionResult
@@ -181,14 +180,15 @@ def _check_graphs(encoder, decoder, manifest: Manifest, model_dir: Path) -> None
     """The graphs must have the inputs and outputs the manifest promises."""
     layers = manifest.num_layers
     found = {t.name for t in decoder.get_inputs()}
-    if not set(decoder_input_names(layers)) <= found:
+    if not set(manifest.decoder_input_names()) <= found:
         raise ModelError(
             f"{model_dir}: decoder graph does not match the manifest (expected {layers} layers); "
             "the files come from different exports: re-export the model"
         )
     encoder_outputs = {t.name for t in encoder.get_outputs()}
     encoder_inputs = {t.name for t in encoder.get_inputs()}
-    if not set(cross_names(layers)) <= encoder_outputs or PIXEL_VALUES not in encoder_inputs:
+    expected_outputs = set(manifest.encoder_output_names())
+    if not expected_outputs <= encoder_outputs or PIXEL_VALUES not in encoder_inputs:
         raise ModelError(f"{model_dir}: encoder graph does not match the manifest; re-export the model")
     logits_dim = decoder.get_outputs()[0].shape[-1]
     if isinstance(logits_dim, int) and logits_dim != manifest.vocab_size:

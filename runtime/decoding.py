@@ -33,8 +33,9 @@ def process_scores(scores: np.ndarray, sequences: np.ndarray, options: Generatio
                    eos_id: int, prompt_len: int = 1) -> np.ndarray:
     """Apply repetition penalty, n-gram blocking and min-new-tokens in place.
 
-    scores [rows, vocab] float32; sequences [rows, cur_len] (decoder start token included, as
-    transformers sees them).
+    scores [rows, vocab] float32; sequences [rows, cur_len] as transformers sees them: the
+    decoder start token included (``prompt_len`` 1), or only generated tokens after an embedded
+    prefix (``prompt_len`` 0).
     """
     if options.repetition_penalty != 1.0:
         penalty = np.float32(options.repetition_penalty)
@@ -78,7 +79,8 @@ def greedy_search(runner: GraphRunner, cross: list[np.ndarray], options: Generat
     for _ in range(options.max_new_tokens):
         logits = runner.step(state, sequences[active, -1])
         log_probs = log_softmax(logits)  # before the processors edit logits in place
-        tokens = process_scores(logits, sequences[active], options, eos_id).argmax(axis=-1)
+        seen = sequences[active, 1 - state.prompt_len :]  # what transformers' processors see
+        tokens = process_scores(logits, seen, options, eos_id, state.prompt_len).argmax(axis=-1)
         logprob_sums[active] += log_probs[np.arange(len(active)), tokens]
         column = np.full((batch, 1), eos_id, dtype=np.int64)  # finished rows pad with EOS
         column[active, 0] = tokens
@@ -131,8 +133,9 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
     cur_len = 1
     while True:
         logits = runner.step(state, running[:, :, cur_len - 1].reshape(-1))
-        flat_seqs = running[:, :, :cur_len].reshape(batch * beams, cur_len)
-        log_probs = process_scores(log_softmax(logits), flat_seqs, options, eos_id)
+        seen = running[:, :, 1 - state.prompt_len : cur_len]  # what transformers' processors see
+        flat = seen.reshape(batch * beams, seen.shape[2])  # explicit width: it may be zero
+        log_probs = process_scores(log_softmax(logits), flat, options, eos_id, state.prompt_len)
         vocab = log_probs.shape[-1]
         totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
 

@@ -26,6 +26,12 @@ PIXEL_VALUES = "pixel_values"
 INPUT_IDS = "input_ids"
 LOGITS = "logits"
 KV_KINDS = ("key", "value")
+# Prefix conditioning (ClipCap style): the encoder emits PREFIX_EMBEDS [B, P, width], GPT-2 input
+# embeddings that the decoder step prefills into its self-attention cache before any token.
+PREFIX_EMBEDS = "prefix_embeds"
+CROSS_ATTENTION = "cross-attention"
+PREFIX = "prefix"
+CONDITIONINGS = (CROSS_ATTENTION, PREFIX)
 
 
 def _per_layer(prefix: str, layers: int) -> list[str]:
@@ -50,6 +56,12 @@ def present_names(layers: int) -> list[str]:
 def decoder_input_names(layers: int) -> list[str]:
     """The decoder step's inputs in graph order."""
     return [INPUT_IDS, *past_names(layers), *cross_names(layers)]
+
+
+def prefix_decoder_input_names(layers: int) -> list[str]:
+    """The prefix decoder step's inputs in graph order: token ids [rows, T], prefix embeddings
+    [rows, P, width] (placed before the tokens; P is zero after the prefill) and the cache."""
+    return [INPUT_IDS, PREFIX_EMBEDS, *past_names(layers)]
 
 
 def decoder_output_names(layers: int) -> list[str]:
@@ -107,10 +119,26 @@ class Manifest:
     opset: int = 17
     # True: the decoder takes one cross K/V per image, shared by its beams (rows grouped by image).
     shared_cross_kv: bool = False
+    # How the image reaches the decoder: "cross-attention" (encoder -> cross K/V per layer) or
+    # "prefix" (encoder -> prefix_length input embeddings, prefilled into the cache).
+    conditioning: str = CROSS_ATTENTION
+    prefix_length: int = 0  # embeddings per image, "prefix" conditioning only
     quantization: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+
+    def encoder_output_names(self) -> list[str]:
+        """What the encoder graph returns: cross K/V per layer, or the prefix embeddings."""
+        if self.conditioning == PREFIX:
+            return [PREFIX_EMBEDS]
+        return cross_names(self.num_layers)
+
+    def decoder_input_names(self) -> list[str]:
+        """The decoder step graph's inputs for this conditioning, in graph order."""
+        if self.conditioning == PREFIX:
+            return prefix_decoder_input_names(self.num_layers)
+        return decoder_input_names(self.num_layers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -138,6 +166,9 @@ class Manifest:
             unknown = set(values) - known
             if unknown:
                 raise TypeError(f"unknown fields {sorted(unknown)}")
+            conditioning = values.get("conditioning", CROSS_ATTENTION)
+            if conditioning not in CONDITIONINGS:
+                raise TypeError(f"conditioning {conditioning!r} is not one of {CONDITIONINGS}")
             return cls(**values)
         except (KeyError, TypeError) as exc:
             raise ModelError(f"{source}: malformed manifest ({exc}); re-export the model") from exc

@@ -2,6 +2,9 @@
 
 The decoder's self-attention cache and the per-image cross-attention K/V travel through
 ``DecoderState``; beam search and greedy decoding only ever call ``step`` and ``select``.
+Both conditionings (``Manifest.conditioning``) look the same from above: for a prefix model,
+``start`` prefills the prefix embeddings into the cache and the first ``step`` returns the
+logits that prefill computed (the token fed with it is the placeholder start slot).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import (
-    INPUT_IDS, PIXEL_VALUES, Manifest, cross_names, decoder_output_names, past_names,
+    INPUT_IDS, PIXEL_VALUES, PREFIX, PREFIX_EMBEDS, Manifest, decoder_output_names, past_names,
 )
 
 
@@ -21,7 +24,12 @@ class DecoderState:
     """What one decoding run carries between steps (one row per hypothesis)."""
 
     past: list[np.ndarray]  # [rows, heads, t, head_dim] per layer, key then value
-    cross: list[np.ndarray]  # [rows, heads, S, head_dim] per layer, key then value
+    cross: list[np.ndarray]  # [rows, heads, S, head_dim] per layer, key then value; [] for prefix
+    # Logits already computed for the next step (the prefix prefill's last position), or None.
+    pending: np.ndarray | None = None
+    # Leading sequence positions the model saw as tokens: the decoder start token (1), or none (0)
+    # when the start slot is a placeholder for a prefix; the logits processors skip placeholders.
+    prompt_len: int = 1
 
     @property
     def rows(self) -> int:
@@ -36,14 +44,17 @@ class GraphRunner:
         self.decoder = decoder
         self.manifest = manifest
         layers = manifest.num_layers
-        self.cross_names = cross_names(layers)
+        self.prefix = manifest.conditioning == PREFIX
+        self.encoder_names = manifest.encoder_output_names()
+        self.cross_names = [] if self.prefix else self.encoder_names
         self.past_names = past_names(layers)
         self.output_names = decoder_output_names(layers)
         self._float_type = np.float16 if _is_fp16(decoder, self.past_names[0]) else np.float32
 
     def encode(self, pixel_values: np.ndarray) -> list[np.ndarray]:
-        """pixel_values [B, 3, H, W] -> cross-attention K/V for every decoder layer."""
-        return self.encoder.run(self.cross_names, {PIXEL_VALUES: pixel_values})
+        """pixel_values [B, 3, H, W] -> cross-attention K/V for every decoder layer, or
+        ``[prefix_embeds]`` [B, P, width] for a prefix model (batch first either way)."""
+        return self.encoder.run(self.encoder_names, {PIXEL_VALUES: pixel_values})
 
     def start(self, cross: list[np.ndarray], repeats: int = 1) -> DecoderState:
         """A state with an empty cache for ``repeats`` hypotheses (beams) per image.
@@ -51,23 +62,52 @@ class GraphRunner:
         Exports with ``shared_cross_kv`` take one cross K/V per image for all its beams; older
         ones need it repeated once per beam (done here, once, never per step).
         """
+        if self.prefix:
+            return self._prefill(cross[0], repeats)
         rows = cross[0].shape[0] * repeats
         if repeats > 1 and not self.manifest.shared_cross_kv:
             cross = [np.repeat(c, repeats, axis=0) for c in cross]
+        return DecoderState(past=self._empty_cache(rows), cross=cross)
+
+    def _empty_cache(self, rows: int) -> list[np.ndarray]:
         m = self.manifest
         empty = np.zeros((rows, m.num_heads, 0, m.head_dim), self._float_type)
-        return DecoderState(past=[empty] * len(self.past_names), cross=cross)
+        return [empty] * len(self.past_names)
+
+    def _prefill(self, prefix: np.ndarray, repeats: int) -> DecoderState:
+        """Run the prefix embeddings [images, P, width] through the step graph once per image;
+        its beams then start from copies of that cache (rows grouped by image)."""
+        images = prefix.shape[0]
+        state = DecoderState(past=self._empty_cache(images), cross=[], prompt_len=0)
+        feeds = {INPUT_IDS: np.zeros((images, 0), np.int64),
+                 PREFIX_EMBEDS: prefix.astype(self._float_type, copy=False)}
+        feeds.update(zip(self.past_names, state.past))
+        logits, *past = self.decoder.run(self.output_names, feeds)
+        if repeats > 1:
+            logits = np.repeat(logits, repeats, axis=0)
+            past = [np.repeat(p, repeats, axis=0) for p in past]
+        state.past, state.pending = past, logits
+        return state
 
     def decoder_feeds(self, state: DecoderState, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """The decoder step's inputs for one token per row, by tensor name."""
         feeds = {INPUT_IDS: tokens.reshape(-1, 1).astype(np.int64, copy=False)}
+        if self.prefix:  # after the prefill, the prefix input is empty
+            width = self.manifest.num_heads * self.manifest.head_dim
+            feeds[PREFIX_EMBEDS] = np.zeros((state.rows, 0, width), self._float_type)
         feeds.update(zip(self.past_names, state.past))
         feeds.update(zip(self.cross_names, state.cross))
         return feeds
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per row; returns logits [rows, vocab] (float32) and grows the cache."""
-        logits, *state.past = self.decoder.run(self.output_names, self.decoder_feeds(state, tokens))
+        """Feed one token per row; returns logits [rows, vocab] (float32) and grows the cache.
+
+        After a prefix prefill the first call returns the prefill's logits and feeds nothing:
+        its token is the placeholder start slot, which the model never sees."""
+        if state.pending is not None:
+            logits, state.pending = state.pending, None
+        else:
+            logits, *state.past = self.decoder.run(self.output_names, self.decoder_feeds(state, tokens))
         return logits.astype(np.float32, copy=False)
 
     @staticmethod

@@ -1,0 +1,108 @@
+"""The graphs of a prefix-conditioned captioner (ClipCap style), as torch modules over its weights.
+
+* ``PrefixEncoderGraph``: pixels -> image features -> mapper -> prefix embeddings [B, P, width],
+  GPT-2 input embeddings that stand before the caption's tokens.
+* ``PrefixStepGraph``: a plain GPT-2 (no cross-attention) step over ``prefix embeddings`` followed
+  by ``token ids``, with the self-attention cache. The runtime calls it once with the prefix and no
+  token (the prefill: the prefix enters the cache) and then with one token and an empty prefix per
+  step, so one graph holds the weights for both.
+
+Export checks both against ``GPT2LMHeadModel`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .graphs import conv1d_linear, merge_heads, split_heads
+
+
+class PrefixEncoderGraph(nn.Module):
+    """pixel_values [B, 3, H, W] -> prefix_embeds [B, P, width]."""
+
+    def __init__(self, image_encoder: nn.Module, mapper: nn.Module):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.mapper = mapper
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.mapper(self.image_encoder(pixel_values))
+
+
+def check_prefix_decoder(config) -> None:
+    """Fail early, with the reason, on GPT-2 variants the prefix step graph does not reproduce."""
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError("decoder has cross-attention layers: export it with export_captioner")
+    if getattr(config, "reorder_and_upcast_attn", False):
+        raise ValueError("GPT2Config.reorder_and_upcast_attn=True is not supported")
+
+
+class PrefixStepGraph(nn.Module):
+    """A KV-cached GPT-2 step over [prefix embeddings, then token embeddings].
+
+    Inputs: input_ids [N, T] int64, prefix_embeds [N, P, width], then past_key_i / past_value_i
+    [N, heads, L, head_dim] per layer. Positions continue from the cache length L.
+    Outputs: logits [N, vocab] for the last position, then present_key_i / present_value_i
+    [N, heads, L + P + T, head_dim].
+    """
+
+    def __init__(self, lm_model: nn.Module):
+        super().__init__()
+        config = lm_model.config
+        check_prefix_decoder(config)
+        self.transformer = lm_model.transformer
+        wte, lm_head = self.transformer.wte.weight, lm_model.lm_head.weight
+        # As in DecoderStepGraph: one [width, vocab] copy of a tied embedding, gathered by column
+        # for the input and multiplied for the head, so the largest tensor is stored once.
+        self.tied = wte.data_ptr() == lm_head.data_ptr()
+        self.output_embedding = nn.Parameter(lm_head.detach().t().contiguous(), requires_grad=False)
+        self.num_heads = config.n_head
+        self.scale_by_layer = bool(config.scale_attn_by_inverse_layer_idx)
+        self.scale_weights = bool(config.scale_attn_weights)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tied:
+            return self.transformer.wte(input_ids)
+        # A gather along the vocabulary axis, then [width, N, T] -> [N, T, width]; no reshape,
+        # whose run-time shape would hold a zero (no tokens during the prefill) that ONNX
+        # Reshape reads as "keep this dimension".
+        return self.output_embedding[:, input_ids].permute(1, 2, 0)
+
+    def attend(self, query, key, value, visible, layer_idx: int) -> torch.Tensor:
+        """Causal self-attention: ``visible`` [queries, keys] says which cached keys each sees."""
+        scores = torch.matmul(query, key.transpose(-1, -2))
+        if self.scale_weights:
+            scores = scores / (value.shape[-1] ** 0.5)
+        if self.scale_by_layer:
+            scores = scores / float(layer_idx + 1)
+        scores = torch.where(visible, scores, torch.finfo(scores.dtype).min)
+        return merge_heads(torch.matmul(torch.softmax(scores, dim=-1), value))
+
+    def forward(self, input_ids: torch.Tensor, prefix_embeds: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tf = self.transformer
+        hidden = torch.cat([prefix_embeds, self.embed_tokens(input_ids)], dim=1)
+        # Lengths as tensor ops, so the traced graph reads them at run time (Python ints would be
+        # frozen in as the sample's lengths).
+        past_len = torch._shape_as_tensor(past[0])[2]
+        new_len = torch._shape_as_tensor(hidden)[1]
+        positions = torch.arange(new_len) + past_len
+        hidden = hidden + tf.wpe(positions).unsqueeze(0)
+        # The prefill sees several new positions at once: each may see keys up to its own.
+        visible = torch.arange(past_len + new_len).unsqueeze(0) <= positions.unsqueeze(1)
+        presents = []
+        for i, block in enumerate(tf.h):
+            x = block.ln_1(hidden)
+            qkv = conv1d_linear(x, block.attn.c_attn)
+            query, key, value = qkv.split(block.attn.split_size, dim=2)
+            key = torch.cat([past[2 * i], split_heads(key, self.num_heads)], dim=2)
+            value = torch.cat([past[2 * i + 1], split_heads(value, self.num_heads)], dim=2)
+            presents += [key, value]
+            attended = self.attend(split_heads(query, self.num_heads), key, value, visible, i)
+            hidden = hidden + conv1d_linear(attended, block.attn.c_proj)
+            x = block.ln_2(hidden)
+            x = block.mlp.act(conv1d_linear(x, block.mlp.c_fc))
+            hidden = hidden + conv1d_linear(x, block.mlp.c_proj)
+        hidden = tf.ln_f(hidden)[:, -1, :]
+        return (torch.matmul(hidden, self.output_embedding), *presents)
