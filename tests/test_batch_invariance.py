@@ -77,6 +77,7 @@ def tiny_formats(tiny_export, tmp_path_factory, sample_photos) -> dict[str, Path
     for name, mode, folder in (
         ("int8", "int8-dynamic", calibration),
         ("int8-uncalibrated", "int8-dynamic", None),
+        ("int8-calibrated-encoder", "int8-dynamic", calibration),
         ("int4", "int4", None),
     ):
         quantize_export(
@@ -86,13 +87,15 @@ def tiny_formats(tiny_export, tmp_path_factory, sample_photos) -> dict[str, Path
             calibration=folder,
             calibration_count=4,
             block_size=32,
+            calibrate_encoder=name == "int8-calibrated-encoder",
         )
         formats[name] = root / name
     return formats
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("name", ["fp32", "int8", "int8-uncalibrated", "int4"])
+@pytest.mark.parametrize("name", ["fp32", "int8", "int8-uncalibrated", "int8-calibrated-encoder",
+                                  "int4"])
 def test_tiny_formats_caption_each_image_the_same_in_any_batch(
     tiny_formats, photos, name, num_beams
 ):
@@ -114,6 +117,8 @@ def test_int8_has_no_activation_scale_shared_across_rows(tiny_formats):
         Captioner(tiny_formats["int8"]).manifest.quantization["activations"]["decoder"]
         == "calibrated"
     )
+    activations = Captioner(tiny_formats["int8-calibrated-encoder"]).manifest.quantization
+    assert activations["activations"]["encoder"] == "calibrated"
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
