@@ -104,10 +104,10 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of representative images: int8-static needs it; int8-dynamic "
                         "uses it to fix the decoder's activation scales (faster, still "
                         "batch-invariant; without it each row is scaled on its own)")
-    parser.add_argument("--calibrate-encoder", action="store_true",
-                        help="int8-dynamic with --calibration: fixed calibrated activation scales "
-                        "in the encoder too, instead of per-row ones (faster on large encoders; "
-                        "check the quality with quality-report)")
+    parser.add_argument("--per-row-encoder", action="store_true",
+                        help="int8-dynamic with --calibration: scale the encoder's activations "
+                        "per row instead of with the calibrated scales (slower on large "
+                        "encoders; see docs/quantization.md)")
     parser.add_argument("--calibration-count", type=int, default=64,
                         help="images used for calibration (default 64, sorted by name)")
     parser.add_argument("--keep-float", action="append", default=[], metavar="NODE",
@@ -129,8 +129,8 @@ def _export_and_quantize(export, args: argparse.Namespace) -> int:
         # Check before exporting: otherwise an fp32 export would be left behind in OUT.
         print("edgecap: export failed: int8-static needs --calibration DIR (a folder of images)")
         return 1
-    if args.calibrate_encoder and (args.quantize != "int8-dynamic" or args.calibration is None):
-        print("edgecap: export failed: --calibrate-encoder goes with --quantize int8-dynamic "
+    if args.per_row_encoder and (args.quantize != "int8-dynamic" or args.calibration is None):
+        print("edgecap: export failed: --per-row-encoder goes with --quantize int8-dynamic "
               "--calibration DIR")
         return 1
     try:
@@ -141,7 +141,7 @@ def _export_and_quantize(export, args: argparse.Namespace) -> int:
             manifest = quantize_export(
                 args.out, args.out, mode=args.quantize, calibration=args.calibration,
                 calibration_count=args.calibration_count, exclude_nodes=tuple(args.keep_float),
-                calibrate_encoder=args.calibrate_encoder,
+                calibrate_encoder=None if not args.per_row_encoder else False,
                 block_size=args.block_size)
     except (ExportError, ValueError) as exc:
         print(f"edgecap: export failed: {exc}")

@@ -50,7 +50,7 @@ COPIED_FILES = ("tokenizer.json", "id_map.json")
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
                     calibration_count: int = 64, exclude_nodes: tuple[str, ...] = (),
                     quantize_encoder: bool = True, block_size: int = 128,
-                    calibrate_encoder: bool = False) -> Manifest:
+                    calibrate_encoder: bool | None = None) -> Manifest:
     """Write a ``mode`` version of the fp32 export ``src`` into ``out`` (may equal ``src``).
 
     Args:
@@ -60,9 +60,11 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
         exclude_nodes: node names (or name prefixes) kept in float, e.g. "/MatMul_LM" for the head.
         quantize_encoder: False keeps the encoder graph in fp32 (quantize only the decoder).
         calibrate_encoder: int8-dynamic with ``calibration``: fixed calibrated activation
-            scales in the encoder too, instead of per-row ones (faster on large encoders;
-            check the quality with quality-report).
+            scales in the encoder too (the default then: the fastest invariant format), or
+            False for per-row encoder scales. Without ``calibration`` the encoder is per row.
     """
+    if calibrate_encoder is None:
+        calibrate_encoder = mode == "int8-dynamic" and calibration is not None
     if calibrate_encoder and (mode != "int8-dynamic" or calibration is None):
         raise ValueError("calibrate_encoder needs mode int8-dynamic and a calibration folder")
     if mode not in MODES:
