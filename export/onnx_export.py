@@ -299,13 +299,19 @@ def export_captioner(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _special_tokens(config, generation, decoder_start_token_id) -> dict[str, int]:
+def eos_token(config, generation) -> int | None:
+    """The one end token, from the generation config or else the model config (None: none)."""
     eos = getattr(generation, "eos_token_id", None) if generation is not None else None
     eos = eos if eos is not None else config.eos_token_id
     if isinstance(eos, (list, tuple)):
         if len(eos) != 1:
             raise ExportError(f"several eos tokens {eos} are not supported")
         eos = eos[0]
+    return eos
+
+
+def _special_tokens(config, generation, decoder_start_token_id) -> dict[str, int]:
+    eos = eos_token(config, generation)
     start = decoder_start_token_id if decoder_start_token_id is not None else config.bos_token_id
     pad = getattr(generation, "pad_token_id", None) if generation is not None else None
     pad = pad if pad is not None else (config.pad_token_id if config.pad_token_id is not None else eos)

@@ -24,7 +24,7 @@ from edgecap.manifest import (
 from torch import nn
 
 from .onnx_export import (
-    OPSET, PARITY_TOLERANCE, ExportError, _export, _sample_pixels, generation_options,
+    OPSET, PARITY_TOLERANCE, ExportError, _export, _sample_pixels, eos_token, generation_options,
     preprocessing_from_processor,
 )
 from .prefix_graphs import PrefixEncoderGraph, PrefixStepGraph, check_prefix_decoder
@@ -109,12 +109,7 @@ def export_prefix_captioner(
 
 
 def _eos(config, generation) -> int:
-    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
-    eos = eos if eos is not None else config.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        if len(eos) != 1:
-            raise ExportError(f"several eos tokens {eos} are not supported")
-        eos = eos[0]
+    eos = eos_token(config, generation)
     if eos is None:
         raise ExportError("model defines no eos token")
     return int(eos)
