@@ -24,3 +24,19 @@ def headless_page(**page_options) -> Iterator:
             yield browser.new_page(**page_options)
         finally:
             browser.close()
+
+
+def wait_for_images(page, selector: str, timeout_s: float = 30.0) -> None:
+    """Wait until every image matching ``selector`` has loaded. Polled from Python through
+    CDP evaluation: the demo page's Content-Security-Policy forbids string eval, which
+    ``page.wait_for_function`` with an expression needs."""
+    import time
+
+    images = page.locator(selector)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if images.evaluate_all("imgs => imgs.length > 0 && "
+                               "imgs.every(img => img.complete && img.naturalWidth > 0)"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"images {selector!r} did not load within {timeout_s} s")

@@ -14,7 +14,7 @@ pytest.importorskip("starlette")
 
 from edgecap.archive import Archive  # noqa: E402
 
-from browser import headless_page  # noqa: E402
+from browser import headless_page, wait_for_images  # noqa: E402
 from test_server import Server, request  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent / "data"
@@ -110,6 +110,5 @@ def test_demo_page_searches_the_archive(archive_server, tmp_path):
         rows = page.locator("#timeline li")
         assert rows.count() == 2
         assert "red jacket" in rows.nth(0).inner_text()  # newest event first
-        page.wait_for_function("[...document.querySelectorAll('#timeline img')]"
-                               ".every(img => img.complete && img.naturalWidth > 0)", timeout=30000)
+        wait_for_images(page, "#timeline img")
         page.screenshot(path=str(tmp_path / "archive-search.png"), full_page=True)

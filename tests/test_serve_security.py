@@ -35,7 +35,7 @@ from edgecap.serve_security import (
     load_api_keys,
 )
 from test_serve_archive import archive_db  # noqa: F401 - the fixture, shared
-from browser import headless_page  # noqa: E402
+from browser import headless_page, wait_for_images  # noqa: E402
 from test_server import Server, free_port, request
 
 KEY = "k3y-" + "0123456789abcdef" * 2
@@ -281,8 +281,7 @@ def test_demo_page_with_a_key_in_a_browser(keyed):
         page.fill("#key", KEY)
         page.click("#search button")
         page.wait_for_selector("#timeline li", timeout=30000)
-        page.wait_for_function("[...document.querySelectorAll('#timeline img')]"
-                               ".every(img => img.complete && img.naturalWidth > 0)", timeout=30000)
+        wait_for_images(page, "#timeline img")
     assert not blocked, blocked
 
 
