@@ -1,14 +1,20 @@
-"""Torch definitions of the default captioner: EfficientNet-Lite0 tokens -> small GPT-2 decoder.
+"""Torch definitions of the trained captioners: EfficientNet-Lite tokens -> small GPT-2 decoder.
 
 The encoder turns a normalized 224x224 image into 49 tokens (the 7x7 grid of the backbone's
 last feature map), projected to the decoder width. The decoder is a plain transformers
-`GPT2LMHeadModel` with cross-attention over those tokens and a pruned vocabulary; `id_map`
-maps each pruned id back to its GPT-2 id so the stock GPT-2 tokenizer can decode it.
+`GPT2LMHeadModel` with a pruned vocabulary; `id_map` maps each pruned id back to its GPT-2 id
+so the stock GPT-2 tokenizer can decode it. Two families differ only in how the image reaches
+the decoder:
+
+* cross-attention (the default model's): the decoder attends to the 49 tokens in every layer;
+* prefix (ClipCap style): ``PrefixEncoder`` maps the tokens to ``prefix_length`` input
+  embeddings of a GPT-2 without cross-attention, placed before the caption's tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +25,7 @@ BACKBONE_NAME = "efficientnet-lite0"  # v1's backbone; checkpoints without encod
 BACKBONE_CHANNELS = 1280  # channels of extract_features() output
 NUM_IMAGE_TOKENS = 49  # 7x7 grid at 224x224 input
 GPT2_EOS_ID = 50256
+CAPTION_POSITIONS = 64  # decoder positions for the start token, a caption and its end
 
 
 def build_backbone(pretrained: bool = True, name: str = BACKBONE_NAME) -> nn.Module:
@@ -69,18 +76,109 @@ class FeatureEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project(self.backbone_features(pixel_values))
 
+    def spec(self) -> dict:
+        """What ``encoder.json`` records: enough to rebuild this module before loading weights."""
+        return {"backbone": self.backbone_name}
+
+
+class PrefixEncoder(FeatureEncoder):
+    """Image -> (B, prefix_length, d_model) GPT-2 input embeddings (ClipCap style).
+
+    The projected grid tokens go through ``PrefixMapper``; ``project`` still starts from
+    backbone features, so training on the feature cache and the export share one path.
+    """
+
+    def __init__(self, d_model: int = 384, prefix_length: int = 10, mapper_layers: int = 2,
+                 mapper_heads: int = 6, dropout: float = 0.0, pretrained_backbone: bool = True,
+                 backbone: str = BACKBONE_NAME):
+        super().__init__(d_model, pretrained_backbone, backbone)
+        self.mapper = PrefixMapper(d_model, prefix_length, mapper_layers, mapper_heads, dropout)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mapper(super().project(features))
+
+    def spec(self) -> dict:
+        m = self.mapper
+        return {**super().spec(), "arch": "prefix", "prefix_length": m.prefix_length,
+                "mapper_layers": len(m.blocks), "mapper_heads": m.heads}
+
+
+class PrefixMapper(nn.Module):
+    """Image tokens (B, S, d) -> prefix (B, P, d): P learned queries join the tokens in a few
+    bidirectional transformer blocks and their outputs are the prefix. Like ClipCap's
+    transformer mapper, but over the whole grid, not one pooled vector: the cross-attention
+    model sees every grid token, and this keeps the comparison about the conditioning."""
+
+    def __init__(self, d_model: int, prefix_length: int, layers: int, heads: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        if prefix_length < 1 or layers < 1:
+            raise ValueError(f"prefix_length ({prefix_length}) and mapper layers ({layers}) "
+                             "must be at least 1")
+        if d_model % heads:
+            raise ValueError(f"mapper width {d_model} is not a multiple of its {heads} heads")
+        self.prefix_length, self.heads = prefix_length, heads
+        self.queries = nn.Parameter(torch.randn(1, prefix_length, d_model) * 0.02)
+        self.blocks = nn.ModuleList(MapperBlock(d_model, heads, dropout) for _ in range(layers))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        hidden = torch.cat([tokens, queries], dim=1)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden[:, -self.prefix_length :]
+
+
+class MapperBlock(nn.Module):
+    """Pre-norm transformer block without a causal mask, written with plain ops so the
+    TorchScript exporter sees matmuls and a softmax (no fused kernel to translate)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        head_dim = width // self.heads
+        # (B, S, 3d) -> three (B, heads, S, head_dim)
+        q, k, v = self.qkv(self.ln_1(x)).reshape(batch, length, 3, self.heads, head_dim) \
+            .permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+        attended = (weights @ v).transpose(1, 2).reshape(batch, length, width)
+        x = x + self.drop(self.proj(attended))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+def build_encoder(spec: dict, d_model: int, pretrained_backbone: bool = True,
+                  dropout: float = 0.0) -> FeatureEncoder:
+    """The encoder an ``encoder.json`` spec describes (no "arch": the cross-attention one)."""
+    backbone = spec.get("backbone", BACKBONE_NAME)
+    if spec.get("arch", "cross-attention") == "cross-attention":
+        return FeatureEncoder(d_model, pretrained_backbone, backbone)
+    if spec["arch"] != "prefix":
+        raise ValueError(f"unknown encoder arch {spec['arch']!r} (known: cross-attention, prefix)")
+    return PrefixEncoder(d_model, spec["prefix_length"], spec["mapper_layers"],
+                         spec["mapper_heads"], dropout, pretrained_backbone, backbone)
+
 
 def build_decoder(
-    vocab_size: int, n_layer: int, n_embd: int, n_head: int, bos_eos_id: int
+    vocab_size: int, n_layer: int, n_embd: int, n_head: int, bos_eos_id: int,
+    prefix_length: int | None = None,
 ) -> GPT2LMHeadModel:
-    """A small GPT-2 with cross-attention; `bos_eos_id` is start, end and pad token."""
+    """A small GPT-2; `bos_eos_id` is start, end and pad token. With cross-attention, or (given
+    `prefix_length`) without it, its positions holding the prefix before the caption."""
     config = GPT2Config(
         vocab_size=vocab_size,
-        n_positions=64,
+        n_positions=CAPTION_POSITIONS + (prefix_length or 0),
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
-        add_cross_attention=True,
+        add_cross_attention=prefix_length is None,
         bos_token_id=bos_eos_id,
         eos_token_id=bos_eos_id,
         pad_token_id=bos_eos_id,
@@ -93,16 +191,16 @@ def load_trained(model_dir: str | Path) -> tuple[FeatureEncoder, GPT2LMHeadModel
     """Load a `train()` output dir: (encoder, decoder, id_map), both models in eval mode.
 
     Returns:
-        encoder: FeatureEncoder with backbone weights from `encoder.pt`.
+        encoder: FeatureEncoder (a PrefixEncoder for a prefix run) with weights from
+            `encoder.pt`.
         decoder: GPT2LMHeadModel from `decoder/`.
         id_map: list, pruned token id -> GPT-2 token id.
     """
     model_dir = Path(model_dir)
     decoder = GPT2LMHeadModel.from_pretrained(model_dir / "decoder")
-    encoder_file = model_dir / "encoder.json"  # {"backbone": name}, written since v2
-    backbone = (json.loads(encoder_file.read_text())["backbone"] if encoder_file.is_file()
-                else BACKBONE_NAME)
-    encoder = FeatureEncoder(decoder.config.n_embd, pretrained_backbone=False, backbone=backbone)
+    encoder_file = model_dir / "encoder.json"  # FeatureEncoder.spec(), written since v2
+    spec = json.loads(encoder_file.read_text()) if encoder_file.is_file() else {}
+    encoder = build_encoder(spec, decoder.config.n_embd, pretrained_backbone=False)
     state = torch.load(model_dir / "encoder.pt", map_location="cpu", weights_only=True)
     encoder.load_state_dict(state)
     id_map = json.loads((model_dir / "id_map.json").read_text())

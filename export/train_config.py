@@ -14,6 +14,9 @@ from pathlib import Path
 # Per backbone and data folder beneath: <cache>/<backbone>/<folder name>-<path hash>/<image>.npy
 DEFAULT_CACHE_DIR = Path.home() / ".cache/edgecap/features"
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite2")
+# Model families: how the image reaches the GPT-2 decoder.
+CROSS_ATTENTION, PREFIX = "cross-attention", "prefix"
+ARCHS = (CROSS_ATTENTION, PREFIX)
 
 
 @dataclass
@@ -33,6 +36,11 @@ class TrainConfig:
     n_layer: int = 4  # decoder layers
     n_embd: int = 384  # decoder width
     n_head: int = 6  # decoder attention heads
+    # cross-attention: the decoder attends to the image tokens in every layer; prefix (ClipCap
+    # style): a mapper turns them into input embeddings placed before the caption.
+    arch: str = CROSS_ATTENTION
+    prefix_length: int = 10  # prefix only: embeddings the mapper writes per image
+    mapper_layers: int = 2  # prefix only: transformer blocks of the mapper
     backbone: str = "efficientnet-lite2"  # ImageNet encoder, run at 224x224 (49 tokens)
     tune_encoder_head: bool = True  # also train the backbone's last 1x1 conv (on cached blocks)
     label_smoothing: float = 0.1  # cross-entropy label smoothing (training loss only)
@@ -73,6 +81,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-embd", type=int, default=defaults.n_embd, help="decoder width")
     parser.add_argument("--n-head", type=int, default=defaults.n_head,
                         help="decoder attention heads")
+    parser.add_argument("--arch", choices=ARCHS, default=defaults.arch,
+                        help="model family: cross-attention (the decoder attends to the image "
+                        "tokens in every layer; the default model's) or prefix (ClipCap style: a "
+                        "mapper turns the image tokens into embeddings placed before the caption "
+                        "of a plain GPT-2)")
+    parser.add_argument("--prefix-length", type=positive_int, default=defaults.prefix_length,
+                        help="--arch prefix: embeddings the mapper writes per image")
+    parser.add_argument("--mapper-layers", type=positive_int, default=defaults.mapper_layers,
+                        help="--arch prefix: transformer blocks of the mapper (queries attend "
+                        "to the backbone's grid tokens)")
     parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
                         help="ImageNet image encoder (frozen up to its head)")
     parser.add_argument("--no-tune-encoder-head", dest="tune_encoder_head",
@@ -105,13 +123,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from its last.pt (same options)")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least one (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` an ``edgecap train`` command line asks for."""
     return TrainConfig(
         data_dir=list(args.data), out_dir=args.out, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, n_layer=args.n_layer, n_embd=args.n_embd,
-        n_head=args.n_head, backbone=args.backbone, tune_encoder_head=args.tune_encoder_head,
+        n_head=args.n_head, arch=args.arch, prefix_length=args.prefix_length,
+        mapper_layers=args.mapper_layers, backbone=args.backbone, tune_encoder_head=args.tune_encoder_head,
         label_smoothing=args.label_smoothing,
         dropout=args.dropout, bf16=args.bf16, dev_images=args.dev_images, patience=args.patience,
         max_train_images=args.max_train_images, max_steps=args.max_steps,

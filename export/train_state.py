@@ -47,7 +47,7 @@ def save_model(out_dir: Path, encoder, decoder, id_map, tokenizer) -> None:
     """The exportable checkpoint: what ``edgecap export-trained`` reads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(encoder.state_dict(), out_dir / "encoder.pt")
-    (out_dir / "encoder.json").write_text(json.dumps({"backbone": encoder.backbone_name}))
+    (out_dir / "encoder.json").write_text(json.dumps(encoder.spec()))
     start = STYLE_IDS["describe"]  # the export's decoder start: default captions describe
     decoder.generation_config = GenerationConfig(
         decoder_start_token_id=start, bos_token_id=start, eos_token_id=EOS_ID,

@@ -16,12 +16,13 @@ from .onnx_export import ExportError, export_captioner
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_steps: int = 4,
                       fused: bool = True):
-    """Export ``checkpoint`` (encoder.pt, decoder/, id_map.json, tokenizer.json, preprocess.json).
+    """Export ``checkpoint`` (encoder.pt, decoder/, id_map.json, tokenizer.json, preprocess.json)
+    of either model family (encoder.json says which); ``fused`` applies to cross-attention only.
 
     Returns:
         The written ``Manifest``.
     """
-    from .captioner_model import load_trained
+    from .captioner_model import PrefixEncoder, load_trained
 
     ckpt = Path(checkpoint)
     for name in ("encoder.pt", "decoder", "id_map.json", "tokenizer.json", "preprocess.json"):
@@ -45,6 +46,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_step
     metrics_file = ckpt / "metrics.json"
     if metrics_file.is_file():
         provenance["training_metrics"] = json.loads(metrics_file.read_text())
+    if isinstance(encoder, PrefixEncoder):  # an `edgecap train --arch prefix` run
+        from .trained_prefix_export import export_trained_prefix
+
+        return export_trained_prefix(
+            encoder, decoder, id_map, out_dir, preprocessing=preprocessing,
+            tokenizer_file=ckpt / "tokenizer.json", generation=generation,
+            provenance=provenance, check_steps=check_steps)
     return export_captioner(
         encoder, decoder, out_dir,
         preprocessing=preprocessing,

@@ -1,5 +1,7 @@
-"""Training recipe for the default captioner: frozen EfficientNet-Lite + small GPT-2, on one or
+"""Training recipe for the captioners: frozen EfficientNet-Lite + small GPT-2, on one or
 several caption folders at once, each caption started by its style token (see ``train_data``).
+Both model families (``--arch``: cross-attention, or a ClipCap-style prefix) train here; they
+differ only in how ``decoder_inputs`` hands the image to the decoder.
 
 Backbone features are computed once into an fp16 cache outside the repo, so each training step
 runs only the projection head and the decoder. Every ``checkpoint_every`` steps and at each
@@ -24,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .captioner_model import FeatureEncoder, build_decoder
+from .captioner_model import build_decoder, build_encoder
 from .datasets import load_source
 # TrainConfig lives beside the CLI arguments, in a torch-free module; importable from here too.
-from .train_config import TrainConfig, add_train_arguments, config_from_args, data_dirs
+from .train_config import (CROSS_ATTENTION, TrainConfig, add_train_arguments, config_from_args,
+                           data_dirs)
 from .train_data import (EOS_ID, HEAD_MODULES, SplitData, block_features, build_id_map,
                          build_split, build_tokenizer, cached_features, feature_cache_dir,
                          image_tokens, load_pixels, split_names, train_token_lists)
@@ -68,11 +71,23 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Gene
     return [batches[p] for p in perm]
 
 
+def decoder_inputs(decoder, image, ids: torch.Tensor, past=None) -> dict:
+    """One decoder call's inputs: a cross-attention decoder sees the image tokens at every call;
+    a prefix decoder sees the prefix once, as input embeddings before the first tokens (later
+    calls find it in the cache)."""
+    if decoder.config.add_cross_attention:
+        return {"input_ids": ids, "encoder_hidden_states": image}
+    if past is None:
+        return {"inputs_embeds": torch.cat([image, decoder.transformer.wte(ids)], dim=1)}
+    return {"input_ids": ids}
+
+
 def caption_loss(encoder, decoder, feats, ids, target_mask, label_smoothing=0.0) -> torch.Tensor:
     """Teacher-forced cross-entropy. Right padding + causal attention: pads never reach real
     tokens, so no attention mask is needed; the LM head runs only on real positions."""
     enc = image_tokens(encoder, feats)
-    hidden = decoder.transformer(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
+    hidden = decoder.transformer(**decoder_inputs(decoder, enc, ids)).last_hidden_state
+    hidden = hidden[:, hidden.shape[1] - ids.shape[1] :]  # the caption's positions (not a prefix)
     logits = decoder.lm_head(hidden[:, :-1][target_mask]).float()
     return F.cross_entropy(logits, ids[:, 1:][target_mask], label_smoothing=label_smoothing)
 
@@ -87,7 +102,7 @@ def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
     done = torch.zeros(len(start_ids), dtype=torch.bool)
     past, out = None, []
     for _ in range(max_new_tokens):
-        step = decoder(input_ids=tokens, past_key_values=past, encoder_hidden_states=enc,
+        step = decoder(**decoder_inputs(decoder, enc, tokens, past), past_key_values=past,
                        use_cache=True)
         past = step.past_key_values
         tokens = step.logits[:, -1].argmax(-1, keepdim=True)
@@ -227,14 +242,16 @@ def train(config: TrainConfig) -> dict:
     record_config(config, out_dir)
 
     tokenizer = build_tokenizer(bpe_dir)
-    encoder = FeatureEncoder(config.n_embd, pretrained_backbone=True, backbone=config.backbone)
+    encoder = build_encoder(encoder_spec(config), config.n_embd, dropout=config.dropout)
     t0 = time.time()
     train_data, devs, id_map, source_names = prepare_data(config, tokenizer, encoder)
     print(f"features ready in {time.time() - t0:.0f}s: train {tuple(train_data.feats.shape)}, "
           f"vocab {len(id_map)}, {len(train_data.rows)} train captions from "
           f"{', '.join(source_names)}", file=sys.stderr, flush=True)
 
-    decoder = build_decoder(len(id_map), config.n_layer, config.n_embd, config.n_head, EOS_ID)
+    prefix_length = None if config.arch == CROSS_ATTENTION else config.prefix_length
+    decoder = build_decoder(len(id_map), config.n_layer, config.n_embd, config.n_head, EOS_ID,
+                            prefix_length)
     set_dropout(decoder, config.dropout)
     opt, params = make_optimizer(encoder, decoder, config)
     print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", file=sys.stderr)
@@ -249,6 +266,15 @@ def train(config: TrainConfig) -> dict:
                    tokenizer, id_map)
     return {"best_dev_cider": state.best, "best_epoch": state.best_epoch,
             "step_losses": state.step_losses, "history": state.history}
+
+
+def encoder_spec(config: TrainConfig) -> dict:
+    """The ``encoder.json`` spec of the encoder this run trains (see ``build_encoder``)."""
+    if config.arch == CROSS_ATTENTION:
+        return {"backbone": config.backbone}
+    return {"backbone": config.backbone, "arch": config.arch,
+            "prefix_length": config.prefix_length, "mapper_layers": config.mapper_layers,
+            "mapper_heads": config.n_head}
 
 
 def total_steps(config: TrainConfig, n_rows: int) -> int:

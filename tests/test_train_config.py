@@ -44,14 +44,15 @@ def test_every_option_reaches_its_field():
                     "--seed", "3", "--threads", "1", "--cache-dir", "c", "--bpe-dir", "b",
                     "--backbone", "efficientnet-lite0", "--dropout", "0.3",
                     "--checkpoint-every", "11", "--resume", "--log-every", "4",
-                    "--no-tune-encoder-head"])
+                    "--no-tune-encoder-head", "--arch", "prefix", "--prefix-length", "4",
+                    "--mapper-layers", "3"])
     expected = dict(data_dir=["d"], out_dir="o", epochs=3, batch_size=16, lr=0.001,
                     weight_decay=0.1, warmup_steps=7, n_layer=2, n_embd=64, n_head=4,
                     label_smoothing=0.2, bf16=True, dev_images=9, patience=5,
                     max_train_images=8, max_steps=6, time_budget_min=1.5, seed=3, threads=1,
                     cache_dir="c", bpe_dir="b", backbone="efficientnet-lite0", dropout=0.3,
                     checkpoint_every=11, resume=True, log_every=4,
-                    tune_encoder_head=False)
+                    tune_encoder_head=False, arch="prefix", prefix_length=4, mapper_layers=3)
     assert {k: v for k, v in dataclasses.asdict(config).items() if k in expected} == expected
 
 
@@ -62,3 +63,13 @@ def test_training_does_not_import_the_cli_module():
         imported = {node.module for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom) and node.module}
         assert not {m for m in imported if m.split(".")[-1] == "commands"}, name
+
+
+def test_prefix_sizes_below_one_are_usage_errors(capsys):
+    import pytest
+
+    for option in ("--prefix-length", "--mapper-layers"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--data", "d", "--out", "o", option, "0"])
+        assert exit_info.value.code == 2
+        assert f"{option}: 0 is not at least 1" in capsys.readouterr().err
