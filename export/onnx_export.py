@@ -219,6 +219,7 @@ def export_captioner(
     provenance: dict[str, Any] | None = None,
     check_steps: int = 4,
     fused: bool = True,
+    styles: dict[str, int] | None = None,
 ) -> Manifest:
     """Export ``encode`` (pixels -> states) and ``lm_model`` (GPT2LMHeadModel) into ``out_dir``.
 
@@ -235,6 +236,8 @@ def export_captioner(
         fused: write the decoder step with ONNX Runtime's fused attention / layer-norm ops
             (``fused_step``) when the decoder allows it; False, or an unsupported decoder, traces
             ``DecoderStepGraph`` instead. Both pass the same parity check.
+        styles: caption style name -> start token id, for a decoder trained with style tokens
+            (the runtime's ``style`` option picks one).
     Returns:
         The manifest written into ``out_dir``.
     Raises:
@@ -285,6 +288,7 @@ def export_captioner(
             id_map_file="id_map.json" if id_map is not None else None,
             opset=OPSET,
             shared_cross_kv=True,
+            styles=dict(styles or {}),
             provenance={**(provenance or {}), "parity": parity, "decoder_graph": decoder_kind,
                         **({"fused_revision": FUSED_GRAPH_REVISION} if decoder_kind == "fused" else {}),
                         "torch": torch.__version__},

@@ -7,11 +7,14 @@ import shlex
 from pathlib import Path, PurePath
 from typing import Any
 
+from tokenizers import Tokenizer
 from transformers import GenerationConfig
 
 from edgecap.manifest import Preprocessing
 
+from .datasets import STYLE_TOKENS
 from .onnx_export import ExportError, export_captioner
+from .train_data import STYLE_IDS
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_steps: int = 4,
@@ -63,7 +66,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_step
         provenance=provenance,
         check_steps=check_steps,
         fused=fused,
+        styles=trained_styles(ckpt / "tokenizer.json", id_map),
     )
+
+
+def trained_styles(tokenizer_file: Path, id_map: list[int]) -> dict[str, int]:
+    """The caption styles a checkpoint's decoder starts with (style name -> decoder id), read
+    from its tokenizer's style tokens; empty for checkpoints trained before style tokens."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    styles = {}
+    for style, decoder_id in STYLE_IDS.items():
+        token_id = tokenizer.token_to_id(STYLE_TOKENS[style])
+        if token_id is not None and decoder_id < len(id_map) and id_map[decoder_id] == token_id:
+            styles[style] = decoder_id
+    return styles
 
 
 def public_training_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -11,13 +11,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .decoding import Hypothesis, beam_search, greedy_search
+from .device_runner import make_runner
 from .errors import EdgecapError, ModelError, OptionsError
 from .manifest import PIXEL_VALUES, GenerationOptions, Manifest
-from .options import check_generation
+from .options import IO_BINDING, check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
 from .results import CaptionFailure, CaptionResult
-from .sessions import build_session
-from .step import GraphRunner
+from .sessions import open_graphs
 from .tokenizer import CaptionTokenizer
 
 
@@ -33,12 +33,19 @@ class Captioner:
         model: export directory (from ``edgecap export``); None for the embedded default model.
         device: "cpu" (default), "cuda", "tensorrt" or "auto".
         cpu_threads: intra-op threads; default: the cores this process may use.
+        precision: "fp32" (default) or "fp16": TensorRT may run layers in half precision; the
+            CUDA provider runs an fp16 export's own precision.
+        engine_cache: folder for TensorRT's engines; default: one per model in the user's cache.
+        io_binding: "auto" (default: keep the decoder's cache on the GPU between steps), "on"
+            (also on the CPU) or "off".
     Raises:
         ModelError: missing, corrupt or inconsistent model files (before any image is seen).
+        OptionsError: a precision the device cannot honour, or an unknown io_binding.
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu",
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, precision: str = "fp32",
+                 engine_cache: str | Path | None = None, io_binding: str = "auto"):
         self.model_dir = Path(model) if model is not None else default_model_dir()
         if not self.model_dir.is_dir():
             raise ModelError(f"{self.model_dir}: model directory not found")
@@ -48,13 +55,13 @@ class Captioner:
             self.model_dir / m.tokenizer_file, m.vocab_size,
             self.model_dir / m.id_map_file if m.id_map_file else None,
         )
-        config = m.quantization.get("session_config", {})
-        encoder = build_session(self.model_dir / m.encoder_file, threads=cpu_threads,
-                                device=device, config=config, spinning=True)
-        decoder = build_session(self.model_dir / m.decoder_file, threads=cpu_threads,
-                                device=device, config=config, spinning=True)
+        if io_binding not in IO_BINDING:
+            raise OptionsError(f"io_binding must be one of {', '.join(IO_BINDING)} "
+                               f"(got {io_binding!r})")
+        encoder, decoder = open_graphs(self.model_dir, m, device=device, threads=cpu_threads,
+                                       precision=precision, engine_cache=engine_cache)
         _check_graphs(encoder, decoder, m, self.model_dir)
-        self.runner = GraphRunner(encoder, decoder, m)
+        self.runner = make_runner(encoder, decoder, m, io_binding)
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The manifest's generation defaults with the given (non-None) overrides.
@@ -71,6 +78,7 @@ class Captioner:
             )
         if options.min_new_tokens > options.max_new_tokens:
             raise OptionsError("min_new_tokens cannot exceed max_new_tokens")
+        self.manifest.start_token(options.style)  # an unknown style fails here, before any work
         return options
 
     def caption(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 8,
@@ -157,7 +165,7 @@ class Captioner:
         cross = self.runner.encode(pixels)
         decoded_at = time.perf_counter()
         search = beam_search if options.num_beams > 1 else greedy_search
-        hypotheses = search(self.runner, cross, options, m.decoder_start_token_id, m.eos_token_id)
+        hypotheses = search(self.runner, cross, options, m.start_token(options.style), m.eos_token_id)
         done = time.perf_counter()
         timings = {
             "preprocess_ms": (encoded_at - began) * 1e3,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .batch import add_caption_arguments, run_caption
-from .errors import EdgecapError
+from .errors import EdgecapError, OptionsError
 from .options import add_generation_arguments, add_runtime_arguments, generation_from_args
 
 
@@ -199,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
+    except OptionsError as exc:  # a usage error the parser could not see (it needs the model)
+        print(f"edgecap: error: {exc}", file=sys.stderr)
+        return 2
     except EdgecapError as exc:
         print(f"edgecap: error: {exc}", file=sys.stderr)
         return 1
@@ -290,7 +293,9 @@ def _serve_settings(args: argparse.Namespace):
     return Settings(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                     max_queue=args.max_queue, timeout_s=args.timeout_s,
                     max_body_bytes=int(args.max_body_mb * 2**20), cpu_threads=args.threads,
-                    device=args.device, generation=generation_from_args(args),
+                    device=args.device, precision=args.precision,
+                    engine_cache=args.engine_cache, io_binding=args.io_binding,
+                    generation=generation_from_args(args),
                     archive=args.archive, api_keys=policy.api_keys,
                     allowed_hosts=policy.allowed_hosts, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, max_connections=args.max_connections,

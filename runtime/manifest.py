@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ModelError, OptionsError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "edgecap"
@@ -27,7 +27,8 @@ INPUT_IDS = "input_ids"
 LOGITS = "logits"
 KV_KINDS = ("key", "value")
 # Prefix conditioning (ClipCap style): the encoder emits PREFIX_EMBEDS [B, P, width], GPT-2 input
-# embeddings that the decoder step prefills into its self-attention cache before any token.
+# embeddings that one decoder call per image turns into the prefix's self-attention K/V (the
+# prefill); later steps take those K/V per image, like cross K/V, beside each row's own cache.
 PREFIX_EMBEDS = "prefix_embeds"
 CROSS_ATTENTION = "cross-attention"
 PREFIX = "prefix"
@@ -41,6 +42,12 @@ def _per_layer(prefix: str, layers: int) -> list[str]:
 def cross_names(layers: int) -> list[str]:
     """Cross-attention K/V per layer: the encoder's outputs and the decoder's last inputs."""
     return _per_layer("cross", layers)
+
+
+def prefix_kv_names(layers: int) -> list[str]:
+    """A prefilled prefix's self-attention K/V per layer, one per image: the prefix decoder
+    step's last inputs."""
+    return _per_layer("prefix", layers)
 
 
 def past_names(layers: int) -> list[str]:
@@ -60,8 +67,9 @@ def decoder_input_names(layers: int) -> list[str]:
 
 def prefix_decoder_input_names(layers: int) -> list[str]:
     """The prefix decoder step's inputs in graph order: token ids [rows, T], prefix embeddings
-    [rows, P, width] (placed before the tokens; P is zero after the prefill) and the cache."""
-    return [INPUT_IDS, PREFIX_EMBEDS, *past_names(layers)]
+    [rows, P, width] (placed before the tokens; P is zero after the prefill), each row's own
+    cache, then the prefix K/V [images, heads, C, head_dim] (C is zero during the prefill)."""
+    return [INPUT_IDS, PREFIX_EMBEDS, *past_names(layers), *prefix_kv_names(layers)]
 
 
 def decoder_output_names(layers: int) -> list[str]:
@@ -95,6 +103,7 @@ class GenerationOptions:
     early_stopping: bool | str = False
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    style: str | None = None  # one of Manifest.styles; None: the decoder start token
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,12 @@ class Manifest:
     # "prefix" (encoder -> prefix_length input embeddings, prefilled into the cache).
     conditioning: str = CROSS_ATTENTION
     prefix_length: int = 0  # embeddings per image, "prefix" conditioning only
+    # True: the prefix's K/V are decoder inputs, one per image shared by its beams. Required for
+    # "prefix" conditioning (the earlier layout, the prefix inside every row's cache, is refused).
+    shared_prefix_kv: bool = False
+    # Caption styles a decoder trained with style tokens can write: name -> its start token id.
+    # Empty: one style, started by decoder_start_token_id.
+    styles: dict[str, int] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
@@ -139,6 +154,15 @@ class Manifest:
         if self.conditioning == PREFIX:
             return prefix_decoder_input_names(self.num_layers)
         return decoder_input_names(self.num_layers)
+
+    def start_token(self, style: str | None) -> int:
+        """The decoder's first token for ``style`` (None: the model's default)."""
+        if style is None:
+            return self.decoder_start_token_id
+        if style not in self.styles:
+            known = ", ".join(self.styles) if self.styles else "none: it writes one style"
+            raise OptionsError(f"style {style!r} is not one this model was trained on ({known})")
+        return self.styles[style]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -169,6 +193,11 @@ class Manifest:
             conditioning = values.get("conditioning", CROSS_ATTENTION)
             if conditioning not in CONDITIONINGS:
                 raise TypeError(f"conditioning {conditioning!r} is not one of {CONDITIONINGS}")
+            if conditioning == PREFIX and not values.get("shared_prefix_kv", False):
+                raise ModelError(
+                    f"{source}: this prefix export keeps the prefix in every beam's cache, a "
+                    "layout this edgecap no longer runs; re-export it with this version of edgecap"
+                )
             return cls(**values)
         except (KeyError, TypeError) as exc:
             raise ModelError(f"{source}: malformed manifest ({exc}); re-export the model") from exc

@@ -40,6 +40,7 @@ class Option:
     flags: tuple[str, ...] = ()  # CLI spellings; default: --name-with-dashes
     choices: tuple[str, ...] | None = None
     default: Any = None  # None: the model's manifest decides (generation) or the command does
+    metavar: str | None = None  # what the CLI help calls the value (default: argparse's)
 
     @property
     def cli_flags(self) -> tuple[str, ...]:
@@ -90,10 +91,15 @@ def _number(text: Any) -> float:
     return value
 
 
+# The caps bound what one request may cost a shared service (beam search grows with the beams),
+# and they size the input shapes a TensorRT engine is built for (gpu_providers.py).
+MAX_BEAMS = 32
+MAX_BATCH = 64
+
 GENERATION: tuple[Option, ...] = (
-    # The cap bounds what one request may cost a shared service (beam search grows with it).
     Option("num_beams", _integer, "beam width; 1 is greedy search",
-           {"type": "integer", "minimum": 1, "maximum": 32}, flags=("--beams", "--num-beams")),
+           {"type": "integer", "minimum": 1, "maximum": MAX_BEAMS},
+           flags=("--beams", "--num-beams")),
     Option("max_new_tokens", _integer, "longest caption, in tokens",
            {"type": "integer", "minimum": 1}),
     Option("min_new_tokens", _integer, "shortest caption, in tokens (the end token is held back "
@@ -107,17 +113,36 @@ GENERATION: tuple[Option, ...] = (
            "(0: off)", {"type": "integer", "minimum": 0}),
     Option("repetition_penalty", _number, "divide the scores of tokens already in the caption by "
            "this (1: off, above 1 discourages repeats)", {"type": "number", "exclusiveMinimum": 0}),
+    # Not a transformers option: models trained with style tokens start each caption with one.
+    Option("style", str, "caption style, for models trained on several (e.g. describe: a "
+           "plain description, alt-text: a web alt text); names in the model's manifest",
+           {"type": "string"}),
 )
 
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+PRECISIONS = ("fp32", "fp16")
+IO_BINDING = ("auto", "on", "off")
 RUNTIME: tuple[Option, ...] = (
     Option("device", str, "where the graphs run", {"type": "string", "enum": list(DEVICES)},
            choices=DEVICES, default="cpu"),
     Option("threads", _integer, "CPU threads for the model (default: the cores this process may use)",
            {"type": "integer", "minimum": 1}),
     Option("batch_size", _integer, "images captioned together; a caption does not depend on the "
-           "rest of its batch", {"type": "integer", "minimum": 1}, default=8),
+           "rest of its batch", {"type": "integer", "minimum": 1, "maximum": MAX_BATCH},
+           default=8),
+    Option("precision", str, "GPU arithmetic: fp16 lets tensorrt run layers in half precision "
+           "(cuda needs an fp16 export for it; the CPU always runs the graphs as exported)",
+           {"type": "string", "enum": list(PRECISIONS)}, choices=PRECISIONS, default="fp32"),
+    Option("engine_cache", str, "folder for tensorrt's built engines, reused by later starts "
+           "(default: a folder for this model in the user's cache)", {"type": "string"},
+           metavar="DIR"),
+    Option("io_binding", str, "keep the decoder's cache on the device between steps: auto (on "
+           "cuda and tensorrt), on (also on the CPU) or off", {"type": "string",
+           "enum": list(IO_BINDING)}, choices=IO_BINDING, default="auto"),
 )
+# Captioner keyword arguments by runtime option (batch_size belongs to caption(), not here).
+CAPTIONER_ARGUMENTS = {"device": "device", "threads": "cpu_threads", "precision": "precision",
+                       "engine_cache": "engine_cache", "io_binding": "io_binding"}
 
 GENERATION_NAMES = tuple(option.name for option in GENERATION)
 
@@ -142,7 +167,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | None = None) -> None:
-    """--device and --threads, plus --batch-size when the command batches images."""
+    """--device, --threads and the GPU settings, plus --batch-size when the command batches
+    images."""
     group = parser.add_argument_group("runtime")
     for option in RUNTIME:
         if option.name == "batch_size" and batch_size is None:
@@ -150,7 +176,14 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | 
         default = batch_size if option.name == "batch_size" else option.default
         extra = f" (default {default})" if default is not None else ""
         group.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
-                           default=default, choices=option.choices, help=option.help + extra)
+                           default=default, choices=option.choices, help=option.help + extra,
+                           metavar=option.metavar)
+
+
+def runtime_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``Captioner`` keyword arguments from the runtime flags (unset ones keep its defaults)."""
+    return {keyword: getattr(args, name) for name, keyword in CAPTIONER_ARGUMENTS.items()
+            if getattr(args, name, None) is not None}
 
 
 def generation_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -41,10 +41,15 @@ def test_export_trained_checkpoint_matches_generate(checkpoint, tmp_path, flickr
     pixels = torch.from_numpy(preprocess_batch([load_image(p) for p in images],
                                                captioner.manifest.preprocessing))
     eos = captioner.manifest.eos_token_id
-    for options in (dict(num_beams=1), dict(num_beams=3, no_repeat_ngram_size=3)):
+    # Trained with style tokens: default decoding describes, style="alt-text" starts from its own.
+    assert captioner.manifest.styles == {"describe": 1, "alt-text": 2}
+    assert captioner.manifest.decoder_start_token_id == 1
+    cases = ((None, dict(num_beams=1)), (None, dict(num_beams=3, no_repeat_ngram_size=3)),
+             ("alt-text", dict(num_beams=1)), ("alt-text", dict(num_beams=3)))
+    for style, options in cases:
         with torch.no_grad():
             states = encoder(pixels)
-            start = torch.full((len(images), 1), captioner.manifest.decoder_start_token_id)
+            start = torch.full((len(images), 1), captioner.manifest.start_token(style))
             expected = decoder.generate(start, encoder_hidden_states=states, max_new_tokens=8,
                                         attention_mask=torch.ones_like(start), **options)
         rows = []
@@ -52,8 +57,23 @@ def test_export_trained_checkpoint_matches_generate(checkpoint, tmp_path, flickr
             row = row[1:]
             row = row[: row.index(eos)] if eos in row else row
             rows.append([id_map[t] for t in row])  # the runtime reports tokenizer (GPT-2) ids
-        got = captioner.caption(images, max_new_tokens=8, **options)
-        assert [r.token_ids for r in got] == rows, options
+        got = captioner.caption(images, max_new_tokens=8, style=style, **options)
+        assert [r.token_ids for r in got] == rows, (style, options)
+
+
+def test_unknown_style_is_a_usage_error_naming_the_known_ones(checkpoint, tmp_path, flickr_images,
+                                                              capsys):
+    from edgecap import Captioner
+    from edgecap.cli import main
+    from edgecap.errors import OptionsError
+
+    out = tmp_path / "export"
+    assert main(["export-trained", str(checkpoint), str(out)]) == 0
+    with pytest.raises(OptionsError, match="'poem'.*describe, alt-text"):
+        Captioner(out).caption(flickr_images[0], style="poem")
+    capsys.readouterr()
+    assert main(["caption", "--model", str(out), "--style", "poem", str(flickr_images[0])]) == 2
+    assert "style 'poem'" in capsys.readouterr().err
 
 
 def test_int8_export_of_checkpoint_loads_and_is_small(checkpoint, tmp_path, flickr_images):
