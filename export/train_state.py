@@ -21,8 +21,10 @@ from .train_config import TrainConfig, data_dirs
 from .train_data import EOS_ID, HEAD_MODULES, PREPROCESS, STYLE_IDS
 
 # Settings that may change when a run is resumed; every other one must match train_config.json.
+# A new time budget re-spreads the rest of the lr schedule over it (progress is time / budget).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "patience", "threads", "log_every",
-                     "checkpoint_every", "resume", "command_line", "cache_dir", "out_dir"}
+                     "checkpoint_every", "resume", "command_line", "cache_dir", "out_dir",
+                     "time_budget_min"}
 
 
 @dataclass
