@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from edgecap import Captioner
+from edgecap.options import runtime_from_args
 
 
 def load_flickr8k(data_dir: Path, split: str) -> tuple[list[Path], dict[str, list[str]]]:
@@ -121,7 +122,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
         images, references = load_coco(args.data, args.images)
     if args.limit:
         images = images[: args.limit]
-    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
+    captioner = Captioner(args.model, **runtime_from_args(args))
     options = generation_from_args(args)
     effective = captioner.options(**options)
     started = time.perf_counter()

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .options import add_generation_arguments, add_runtime_arguments, generation_from_args
+from .options import (
+    add_generation_arguments, add_runtime_arguments, generation_from_args, runtime_from_args,
+)
 from .preprocess import IMAGE_SUFFIXES
 
 
@@ -85,7 +87,7 @@ def run_caption(args: argparse.Namespace) -> int:
         done = completed_sources(args.out)
         skipped = sum(1 for s in sources if s in done)
         sources = [s for s in sources if s not in done]
-    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
+    captioner = Captioner(args.model, **runtime_from_args(args))
     generation = generation_from_args(args)
     captioner.options(**generation)  # a bad combination fails before any file is opened
     sink = open(args.out, "a", encoding="utf-8") if args.out else None

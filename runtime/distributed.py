@@ -378,6 +378,9 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
                 "or write --ray auto")
     if args.format == "parquet" and not args.out:
         return "--format parquet needs --out FOLDER"
+    if args.precision != "fp32" or args.engine_cache or args.io_binding != "auto":
+        # Ray's actors reserve CPUs, not GPUs: these settings would be silently ignored there.
+        return "--precision, --engine-cache and --io-binding are for local runs, not --ray"
     return None
 
 

@@ -59,6 +59,9 @@ class Settings:
     max_images: int = 8
     cpu_threads: int | None = None
     device: str = "cpu"
+    precision: str = "fp32"  # the GPU settings, as for Captioner
+    engine_cache: str | Path | None = None
+    io_binding: str = "auto"
     generation: dict[str, Any] = field(default_factory=dict)
     archive: str | Path | None = None  # a caption archive to search (GET /v1/events)
     api_keys: tuple[str, ...] = ()  # with keys, every request outside OPEN_PATHS needs one
@@ -150,8 +153,10 @@ class CaptionService:
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
         settings = self.settings
-        captioner = await run_in_threadpool(Captioner, settings.model, device=settings.device,
-                                            cpu_threads=settings.cpu_threads)
+        captioner = await run_in_threadpool(
+            Captioner, settings.model, device=settings.device, cpu_threads=settings.cpu_threads,
+            precision=settings.precision, engine_cache=settings.engine_cache,
+            io_binding=settings.io_binding)
         captioner.options(**settings.generation)  # bad service defaults fail at start
         await run_in_threadpool(captioner.caption, Image.new("RGB", (64, 64), (127, 127, 127)))
         self.captioner = captioner

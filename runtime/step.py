@@ -66,7 +66,7 @@ class GraphRunner:
             return self._prefill(cross[0], repeats)
         rows = cross[0].shape[0] * repeats
         if repeats > 1 and not self.manifest.shared_cross_kv:
-            cross = [np.repeat(c, repeats, axis=0) for c in cross]
+            cross = self._take_rows(cross, np.repeat(np.arange(cross[0].shape[0]), repeats))
         return DecoderState(past=self._empty_cache(rows), cross=cross)
 
     def _empty_cache(self, rows: int) -> list[np.ndarray]:
@@ -82,10 +82,10 @@ class GraphRunner:
         feeds = {INPUT_IDS: np.zeros((images, 0), np.int64),
                  PREFIX_EMBEDS: prefix.astype(self._float_type, copy=False)}
         feeds.update(zip(self.past_names, state.past))
-        logits, *past = self.decoder.run(self.output_names, feeds)
+        logits, past = self._run_decoder(feeds)
         if repeats > 1:
             logits = np.repeat(logits, repeats, axis=0)
-            past = [np.repeat(p, repeats, axis=0) for p in past]
+            past = self._take_rows(past, np.repeat(np.arange(images), repeats))
         state.past, state.pending = past, logits
         return state
 
@@ -107,15 +107,26 @@ class GraphRunner:
         if state.pending is not None:
             logits, state.pending = state.pending, None
         else:
-            logits, *state.past = self.decoder.run(self.output_names, self.decoder_feeds(state, tokens))
+            logits, state.past = self._run_decoder(self.decoder_feeds(state, tokens))
         return logits.astype(np.float32, copy=False)
 
-    @staticmethod
-    def select(state: DecoderState, rows: np.ndarray, cross_too: bool = True) -> None:
+    def select(self, state: DecoderState, rows: np.ndarray, cross_too: bool = True) -> None:
         """Keep (and reorder) the given rows of the cache, e.g. surviving beams or active images."""
-        state.past = [p[rows] for p in state.past]
+        kept = self._take_rows(state.past + (state.cross if cross_too else []), rows)
+        state.past, cross = kept[: len(state.past)], kept[len(state.past) :]
         if cross_too:
-            state.cross = [c[rows] for c in state.cross]
+            state.cross = cross
+
+    # The two places tensors are touched, apart from the empty cache: device_runner.py
+    # overrides them (with _empty_cache and encode) to keep the cache on the device.
+    def _run_decoder(self, feeds: dict) -> tuple[np.ndarray, list]:
+        """One decoder run: logits [rows, vocab] on the host, and the grown cache."""
+        logits, *past = self.decoder.run(self.output_names, feeds)
+        return logits, past
+
+    def _take_rows(self, tensors: list, rows: np.ndarray) -> list:
+        """The given rows of every tensor, in that order (rows may repeat)."""
+        return [t[rows] for t in tensors]
 
 
 def _is_fp16(session: ort.InferenceSession, name: str) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import EdgecapError
-from .options import generation_from_args
+from .options import generation_from_args, runtime_from_args
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def run_one(args: argparse.Namespace) -> int:
     from .watch import watch
 
     source = _open_source(args)
-    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
+    captioner = Captioner(args.model, **runtime_from_args(args))
     generation = generation_from_args(args)
     captioner.options(**generation)  # fail on bad options before any writer opens a file
     options = watch_options(args, args.camera or _default_camera(args.source))
@@ -63,7 +63,7 @@ def run_cameras(args: argparse.Namespace) -> int:
     from .cameras import watch_cameras
 
     config = load_config(args.config)
-    captioner = Captioner(args.model, device=args.device, cpu_threads=args.threads)
+    captioner = Captioner(args.model, **runtime_from_args(args))
     stop, ready = threading.Event(), threading.Event()
     feeds = [_camera_feed(camera, args, captioner, stop, ready) for camera in config.cameras]
     outputs = _camera_outputs(args, config, feeds)
