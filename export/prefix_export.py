@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from edgecap.manifest import (
     INPUT_IDS, LOGITS, PIXEL_VALUES, PREFIX, PREFIX_EMBEDS, GenerationOptions, Manifest,
-    Preprocessing, past_names, prefix_decoder_input_names, present_names,
+    Preprocessing, past_names, prefix_decoder_input_names, prefix_kv_names, present_names,
 )
 from torch import nn
 
@@ -95,7 +95,7 @@ def export_prefix_captioner(
         # The start slot is a placeholder (the prefix stands there); EOS keeps it out of any text.
         decoder_start_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         preprocessing=preprocessing, generation=options, opset=OPSET,
-        conditioning=PREFIX, prefix_length=prefix_length,
+        conditioning=PREFIX, prefix_length=prefix_length, shared_prefix_kv=True,
         provenance={**(provenance or {}), "source_kind": "prefix-captioner",
                     "decoder_graph": "traced", "torch": torch.__version__},
     )
@@ -147,48 +147,71 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
 
 def _export_step(graph: PrefixStepGraph, path: Path, manifest: Manifest) -> None:
     layers, heads, head_dim = manifest.num_layers, manifest.num_heads, manifest.head_dim
-    rows, tokens, prefix, cached = 2, 2, 3, 3  # sizes > 1, so the tracer cannot specialise
+    # Distinct sizes > 1, so the tracer cannot specialise on any of them: two images with two
+    # rows each, two tokens after three prefix embeddings, own and prefix caches of 3 and 5.
+    images, rows, tokens, prefix, cached, prefixed = 2, 4, 2, 3, 3, 5
     ids = torch.zeros(rows, tokens, dtype=torch.long)
     embeds = torch.randn(rows, prefix, heads * head_dim)
     past = [torch.randn(rows, heads, cached, head_dim) for _ in range(2 * layers)]
+    prefix_kv = [torch.randn(images, heads, prefixed, head_dim) for _ in range(2 * layers)]
     axes = {INPUT_IDS: {0: "rows", 1: "tokens"}, PREFIX_EMBEDS: {0: "rows", 1: "prefix"},
             LOGITS: {0: "rows"}}
     axes.update({name: {0: "rows", 2: "past_len"} for name in past_names(layers)})
+    axes.update({name: {0: "images", 2: "prefix_len"} for name in prefix_kv_names(layers)})
     axes.update({name: {0: "rows", 2: "total_len"} for name in present_names(layers)})
-    _export(graph, (ids, embeds, *past), path, prefix_decoder_input_names(layers),
+    _export(graph, (ids, embeds, *past, *prefix_kv), path, prefix_decoder_input_names(layers),
             [LOGITS, *present_names(layers)], axes)
+
+
+PARITY_ROWS_PER_IMAGE = 2  # rows that share an image's prefix K/V in the check, as beams do
 
 
 def check_prefix_parity(directory: Path, manifest: Manifest, pixels: torch.Tensor,
                         encoder_graph: nn.Module, gpt2: nn.Module, steps: int) -> dict[str, float]:
-    """Prefill, then ``steps`` random tokens, in onnxruntime; every step's logits must equal
-    ``gpt2`` run on the whole [prefix, tokens] sequence (no cache), so the cache plumbing and the
-    positions are checked too."""
+    """The prefill, then ``steps`` random tokens on two rows per image, in onnxruntime. Every
+    step's logits must equal ``gpt2`` run on each row's whole [prefix, tokens] sequence (no
+    cache), so the prefix K/V shared by an image's rows, each row's own cache and the positions
+    are all checked."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     cpu = ["CPUExecutionProvider"]
     encoder = ort.InferenceSession(str(directory / manifest.encoder_file), options, providers=cpu)
     decoder = ort.InferenceSession(str(directory / manifest.decoder_file), options, providers=cpu)
     (prefix,) = encoder.run([PREFIX_EMBEDS], {PIXEL_VALUES: pixels.numpy()})
-    rows, width = prefix.shape[0], prefix.shape[2]
-    past = [np.zeros((rows, manifest.num_heads, 0, manifest.head_dim), np.float32)
-            for _ in range(2 * manifest.num_layers)]
+    images, width = prefix.shape[0], prefix.shape[2]
     names = prefix_decoder_input_names(manifest.num_layers)
-    ids, embeds = np.zeros((rows, 0), np.int64), prefix
-    history = np.zeros((rows, 0), np.int64)
-    generator, worst = np.random.default_rng(0), 0.0
-    for step in range(steps + 1):
-        logits, *past = decoder.run(None, dict(zip(names, [ids, embeds, *past])))
-        with torch.no_grad():
-            tokens = gpt2.transformer.wte(torch.from_numpy(history))
-            full = torch.cat([encoder_graph(pixels), tokens], dim=1)
-            expected = gpt2(inputs_embeds=full).logits[:, -1, :].numpy()
-        diff = float(np.max(np.abs(logits - expected)))
-        worst = max(worst, diff)
-        if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
-            raise ExportError(f"exported graphs disagree with PyTorch at step {step}: max |logit "
-                              f"diff| {diff:.3g} > {PARITY_TOLERANCE}; nothing was written")
+
+    def empty(rows: int) -> list[np.ndarray]:
+        shape = (rows, manifest.num_heads, 0, manifest.head_dim)
+        return [np.zeros(shape, np.float32)] * (2 * manifest.num_layers)
+
+    prefill = [np.zeros((images, 0), np.int64), prefix, *empty(images), *empty(images)]
+    logits, *prefix_kv = decoder.run(None, dict(zip(names, prefill)))
+    with torch.no_grad():
+        reference_prefix = encoder_graph(pixels)
+    worst = _compare(logits, gpt2, reference_prefix, np.zeros((images, 0), np.int64), 0)
+    rows = images * PARITY_ROWS_PER_IMAGE
+    reference_prefix = reference_prefix.repeat_interleave(PARITY_ROWS_PER_IMAGE, dim=0)
+    past, history = empty(rows), np.zeros((rows, 0), np.int64)
+    generator = np.random.default_rng(0)
+    for step in range(1, steps + 1):
         ids = generator.integers(0, manifest.vocab_size, size=(rows, 1), dtype=np.int64)
-        embeds = np.zeros((rows, 0, width), np.float32)
         history = np.concatenate([history, ids], axis=1)
+        feeds = [ids, np.zeros((rows, 0, width), np.float32), *past, *prefix_kv]
+        logits, *past = decoder.run(None, dict(zip(names, feeds)))
+        worst = max(worst, _compare(logits, gpt2, reference_prefix, history, step))
     return {"max_abs_logit_diff": worst, "steps_checked": steps, "rows_checked": rows}
+
+
+def _compare(logits: np.ndarray, gpt2: nn.Module, prefix: torch.Tensor, history: np.ndarray,
+             step: int) -> float:
+    """Max |logit difference| against ``gpt2`` on [prefix, history] per row; raises past the
+    tolerance."""
+    with torch.no_grad():
+        tokens = gpt2.transformer.wte(torch.from_numpy(history))
+        expected = gpt2(inputs_embeds=torch.cat([prefix, tokens], dim=1)).logits[:, -1, :].numpy()
+    diff = float(np.max(np.abs(logits - expected)))
+    if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
+        raise ExportError(f"exported graphs disagree with PyTorch at step {step}: max |logit "
+                          f"diff| {diff:.3g} > {PARITY_TOLERANCE}; nothing was written")
+    return diff

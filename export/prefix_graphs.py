@@ -3,9 +3,11 @@
 * ``PrefixEncoderGraph``: pixels -> image features -> mapper -> prefix embeddings [B, P, width],
   GPT-2 input embeddings that stand before the caption's tokens.
 * ``PrefixStepGraph``: a plain GPT-2 (no cross-attention) step over ``prefix embeddings`` followed
-  by ``token ids``, with the self-attention cache. The runtime calls it once with the prefix and no
-  token (the prefill: the prefix enters the cache) and then with one token and an empty prefix per
-  step, so one graph holds the weights for both.
+  by ``token ids``, with each row's own self-attention cache and the image's prefix K/V. The
+  runtime calls it once per image with the prefix and no token (the prefill, whose presents are
+  the prefix K/V) and then with one token and an empty prefix per step, so one graph holds the
+  weights for both. Like cross-attention K/V, an image's prefix K/V serve all of its beams
+  without being copied per beam.
 
 Export checks both against ``GPT2LMHeadModel`` before anything is written.
 """
@@ -39,12 +41,19 @@ def check_prefix_decoder(config) -> None:
 
 
 class PrefixStepGraph(nn.Module):
-    """A KV-cached GPT-2 step over [prefix embeddings, then token embeddings].
+    """A KV-cached GPT-2 step over [prefix embeddings, then token embeddings], whose image prefix
+    is cached once per image and shared by that image's rows.
 
-    Inputs: input_ids [N, T] int64, prefix_embeds [N, P, width], then past_key_i / past_value_i
-    [N, heads, L, head_dim] per layer. Positions continue from the cache length L.
+    Inputs: input_ids [N, T] int64, prefix_embeds [N, P, width], past_key_i / past_value_i
+    [N, heads, L, head_dim] per layer (each row's own cache), then prefix_key_i /
+    prefix_value_i [images, heads, C, head_dim] per layer: an already prefilled prefix, one per
+    image for all of its N / images rows (rows grouped by image, as beams are). Positions
+    continue from C + L.
     Outputs: logits [N, vocab] for the last position, then present_key_i / present_value_i
     [N, heads, L + P + T, head_dim].
+
+    The runtime's prefill feeds the prefix, no token and empty caches (one row per image): its
+    presents are the prefix K/V. Each later step feeds one token and an empty prefix.
     """
 
     def __init__(self, lm_model: nn.Module):
@@ -52,6 +61,7 @@ class PrefixStepGraph(nn.Module):
         config = lm_model.config
         check_prefix_decoder(config)
         self.transformer = lm_model.transformer
+        self.num_layers = config.n_layer
         wte, lm_head = self.transformer.wte.weight, lm_model.lm_head.weight
         # As in DecoderStepGraph: one [width, vocab] copy of a tied embedding, gathered by column
         # for the input and multiplied for the head, so the largest tensor is stored once.
@@ -69,28 +79,48 @@ class PrefixStepGraph(nn.Module):
         # Reshape reads as "keep this dimension".
         return self.output_embedding[:, input_ids].permute(1, 2, 0)
 
-    def attend(self, query, key, value, visible, layer_idx: int) -> torch.Tensor:
-        """Causal self-attention: ``visible`` [queries, keys] says which cached keys each sees."""
-        scores = torch.matmul(query, key.transpose(-1, -2))
+    def attend(self, query, key, value, prefix_key, prefix_value, visible,
+               layer_idx: int) -> torch.Tensor:
+        """Causal self-attention over [the image's prefix K/V, then the row's own K/V].
+
+        query [N, heads, Q, d]; key/value [N, heads, L, d]; prefix_key/value [images, heads,
+        C, d]; ``visible`` [Q, C + L]. The rows of an image become one group
+        ([images, rows per image, heads, ...]) and the prefix gets a broadcast axis there, so
+        its K/V are never repeated per row. One softmax spans both key sets: exactly
+        attention over the concatenated sequence.
+        """
+        images = prefix_key.shape[0]
+        # The tracer records these sizes as shape ops. No size here is zero at run time (a
+        # query always has a position, and so has its own key), which ONNX Reshape would read
+        # as "keep this dimension".
+        grouped = query.reshape(images, -1, query.shape[1], query.shape[2], query.shape[3])
+        own_key = key.reshape(images, -1, key.shape[1], key.shape[2], key.shape[3])
+        own_value = value.reshape(own_key.shape)
+        scores = torch.cat([torch.matmul(grouped, prefix_key.unsqueeze(1).transpose(-1, -2)),
+                            torch.matmul(grouped, own_key.transpose(-1, -2))], dim=-1)
         if self.scale_weights:
             scores = scores / (value.shape[-1] ** 0.5)
         if self.scale_by_layer:
             scores = scores / float(layer_idx + 1)
-        scores = torch.where(visible, scores, torch.finfo(scores.dtype).min)
-        return merge_heads(torch.matmul(torch.softmax(scores, dim=-1), value))
+        probs = torch.softmax(torch.where(visible, scores, torch.finfo(scores.dtype).min), dim=-1)
+        cached = prefix_key.shape[2]
+        attended = (torch.matmul(probs[..., :cached], prefix_value.unsqueeze(1))
+                    + torch.matmul(probs[..., cached:], own_value))
+        return merge_heads(attended.reshape(query.shape))
 
     def forward(self, input_ids: torch.Tensor, prefix_embeds: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tf = self.transformer
+        past, prefix = caches[: 2 * self.num_layers], caches[2 * self.num_layers :]
         hidden = torch.cat([prefix_embeds, self.embed_tokens(input_ids)], dim=1)
         # Lengths as tensor ops, so the traced graph reads them at run time (Python ints would be
         # frozen in as the sample's lengths).
-        past_len = torch._shape_as_tensor(past[0])[2]
+        seen = torch._shape_as_tensor(prefix[0])[2] + torch._shape_as_tensor(past[0])[2]
         new_len = torch._shape_as_tensor(hidden)[1]
-        positions = torch.arange(new_len) + past_len
+        positions = torch.arange(new_len) + seen
         hidden = hidden + tf.wpe(positions).unsqueeze(0)
         # The prefill sees several new positions at once: each may see keys up to its own.
-        visible = torch.arange(past_len + new_len).unsqueeze(0) <= positions.unsqueeze(1)
+        visible = torch.arange(seen + new_len).unsqueeze(0) <= positions.unsqueeze(1)
         presents = []
         for i, block in enumerate(tf.h):
             x = block.ln_1(hidden)
@@ -99,7 +129,8 @@ class PrefixStepGraph(nn.Module):
             key = torch.cat([past[2 * i], split_heads(key, self.num_heads)], dim=2)
             value = torch.cat([past[2 * i + 1], split_heads(value, self.num_heads)], dim=2)
             presents += [key, value]
-            attended = self.attend(split_heads(query, self.num_heads), key, value, visible, i)
+            attended = self.attend(split_heads(query, self.num_heads), key, value, prefix[2 * i],
+                                   prefix[2 * i + 1], visible, i)
             hidden = hidden + conv1d_linear(attended, block.attn.c_proj)
             x = block.ln_2(hidden)
             x = block.mlp.act(conv1d_linear(x, block.mlp.c_fc))

@@ -3,8 +3,9 @@
 The decoder's self-attention cache and the per-image cross-attention K/V travel through
 ``DecoderState``; beam search and greedy decoding only ever call ``step`` and ``select``.
 Both conditionings (``Manifest.conditioning``) look the same from above: for a prefix model,
-``start`` prefills the prefix embeddings into the cache and the first ``step`` returns the
-logits that prefill computed (the token fed with it is the placeholder start slot).
+``start`` runs the prefix embeddings through the step graph once per image (the prefill), keeps
+the prefix's K/V per image where cross-attention K/V would be, and the first ``step`` returns
+the logits that prefill computed (the token fed with it is the placeholder start slot).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnxruntime as ort
 
 from .manifest import (
     INPUT_IDS, PIXEL_VALUES, PREFIX, PREFIX_EMBEDS, Manifest, decoder_output_names, past_names,
+    prefix_kv_names,
 )
 
 
@@ -24,7 +26,10 @@ class DecoderState:
     """What one decoding run carries between steps (one row per hypothesis)."""
 
     past: list[np.ndarray]  # [rows, heads, t, head_dim] per layer, key then value
-    cross: list[np.ndarray]  # [rows, heads, S, head_dim] per layer, key then value; [] for prefix
+    # What each row attends to besides its own cache, per layer, key then value: cross-attention
+    # K/V, or a prefix model's prefix K/V. [images, heads, S, head_dim] when an image's beams
+    # share them (rows grouped by image), [rows, ...] for older cross-attention exports.
+    cross: list[np.ndarray]
     # Logits already computed for the next step (the prefix prefill's last position), or None.
     pending: np.ndarray | None = None
     # Leading sequence positions the model saw as tokens: the decoder start token (1), or none (0)
@@ -46,7 +51,7 @@ class GraphRunner:
         layers = manifest.num_layers
         self.prefix = manifest.conditioning == PREFIX
         self.encoder_names = manifest.encoder_output_names()
-        self.cross_names = [] if self.prefix else self.encoder_names
+        self.cross_names = prefix_kv_names(layers) if self.prefix else self.encoder_names
         self.past_names = past_names(layers)
         self.output_names = decoder_output_names(layers)
         self._float_type = np.float16 if _is_fp16(decoder, self.past_names[0]) else np.float32
@@ -60,7 +65,8 @@ class GraphRunner:
         """A state with an empty cache for ``repeats`` hypotheses (beams) per image.
 
         Exports with ``shared_cross_kv`` take one cross K/V per image for all its beams; older
-        ones need it repeated once per beam (done here, once, never per step).
+        ones need it repeated once per beam (done here, once, never per step). A prefix model's
+        ``cross`` is ``[prefix_embeds]``, prefilled here into per-image prefix K/V.
         """
         if self.prefix:
             return self._prefill(cross[0], repeats)
@@ -75,19 +81,23 @@ class GraphRunner:
         return [empty] * len(self.past_names)
 
     def _prefill(self, prefix: np.ndarray, repeats: int) -> DecoderState:
-        """Run the prefix embeddings [images, P, width] through the step graph once per image;
-        its beams then start from copies of that cache (rows grouped by image)."""
+        """Run the prefix embeddings [images, P, width] through the step graph once per image.
+
+        Its presents are the prefix's K/V [images, heads, P, head_dim]: they are kept once per
+        image, like cross K/V, and the graph lets the image's beams read them by broadcasting,
+        so each row's own cache holds only its generated tokens and no step copies the prefix.
+        """
         images = prefix.shape[0]
-        state = DecoderState(past=self._empty_cache(images), cross=[], prompt_len=0)
+        empty = self._empty_cache(images)
         feeds = {INPUT_IDS: np.zeros((images, 0), np.int64),
                  PREFIX_EMBEDS: prefix.astype(self._float_type, copy=False)}
-        feeds.update(zip(self.past_names, state.past))
-        logits, past = self._run_decoder(feeds)
-        if repeats > 1:
-            logits = np.repeat(logits, repeats, axis=0)
-            past = self._take_rows(past, np.repeat(np.arange(images), repeats))
-        state.past, state.pending = past, logits
-        return state
+        feeds.update(zip(self.past_names, empty))
+        feeds.update(zip(self.cross_names, empty))
+        logits, prefix_kv = self._run_decoder(feeds)
+        # Every beam starts from its image's last prefix position (rows grouped by image).
+        pending = np.repeat(logits, repeats, axis=0) if repeats > 1 else logits
+        return DecoderState(past=self._empty_cache(images * repeats), cross=prefix_kv,
+                            pending=pending, prompt_len=0)
 
     def decoder_feeds(self, state: DecoderState, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """The decoder step's inputs for one token per row, by tensor name."""
@@ -111,7 +121,12 @@ class GraphRunner:
         return logits.astype(np.float32, copy=False)
 
     def select(self, state: DecoderState, rows: np.ndarray, cross_too: bool = True) -> None:
-        """Keep (and reorder) the given rows of the cache, e.g. surviving beams or active images."""
+        """Keep (and reorder) the given rows of the cache, e.g. surviving beams or active images.
+
+        ``cross_too``: the rows are images leaving or staying (one row per image, as in greedy
+        search), so the per-image K/V follow them; False when beams are reordered within their
+        images, whose K/V stay where they are.
+        """
         kept = self._take_rows(state.past + (state.cross if cross_too else []), rows)
         state.past, cross = kept[: len(state.past)], kept[len(state.past) :]
         if cross_too:

@@ -74,6 +74,84 @@ def test_tokens_equal_generate_with_inputs_embeds(prefix_models, flickr_images, 
     assert any(ids for ids in expected), "degenerate fixture: every caption is empty"
 
 
+def test_images_finishing_at_different_steps_keep_their_own_prefix(prefix_models, flickr_images):
+    """Six photos in one batch whose captions end at different steps: greedy drops finished
+    images (their prefix K/V leave with them) and beam search reorders the other beams around
+    each image's fixed prefix K/V; every caption still equals generate()'s."""
+    parts, captioner = prefix_models["conv-mlp-p10"]
+    for options in ({"num_beams": 1}, {"num_beams": 3, "no_repeat_ngram_size": 2}):
+        expected = reference_tokens(parts, flickr_images, captioner.manifest.eos_token_id,
+                                    **options)
+        assert len({len(ids) for ids in expected}) > 1, "fixture: every caption has one length"
+        results = captioner.caption(flickr_images, max_new_tokens=10, batch_size=6, **options)
+        assert [r.token_ids for r in results] == expected
+
+
+def _pixels(captioner, images):
+    from edgecap.preprocess import load_image, preprocess_batch
+
+    return preprocess_batch([load_image(p) for p in images], captioner.manifest.preprocessing)
+
+
+def test_beams_read_one_prefix_kv_per_image(prefix_models, flickr_images):
+    """The prefill leaves the prefix's K/V once per image; each row caches only its own tokens
+    and beam reorders leave the prefix K/V as they are (the same arrays, never gathered)."""
+    import numpy as np
+
+    captioner = prefix_models["vit-attn-p20"][1]
+    m, runner = captioner.manifest, captioner.runner
+    state = runner.start(runner.encode(_pixels(captioner, flickr_images[:2])), repeats=3)
+    prefix_kv = list(state.cross)
+    assert len(prefix_kv) == 2 * m.num_layers
+    assert {kv.shape for kv in prefix_kv} == {(2, m.num_heads, m.prefix_length, m.head_dim)}
+    tokens = np.zeros(6, np.int64)
+    for _ in range(3):  # the first step returns the prefill's logits and feeds nothing
+        tokens = runner.step(state, tokens).argmax(axis=-1)
+        runner.select(state, np.array([1, 0, 0, 5, 3, 4]), cross_too=False)
+        tokens = tokens[[1, 0, 0, 5, 3, 4]]
+    assert all(now is then for now, then in zip(state.cross, prefix_kv))
+    assert {p.shape for p in state.past} == {(6, m.num_heads, 2, m.head_dim)}
+
+
+def test_an_image_leaving_the_batch_takes_its_prefix_kv_along(prefix_models, flickr_images):
+    """Greedy search drops finished images: the one left keeps its own prefix K/V and decodes
+    exactly as it does alone."""
+    import numpy as np
+
+    captioner = prefix_models["vit-attn-p20"][1]
+    runner = captioner.runner
+    pixels = _pixels(captioner, flickr_images[:3])
+    together, alone = runner.start(runner.encode(pixels)), runner.start(runner.encode(pixels[2:]))
+    tokens = np.zeros(3, np.int64)
+    for _ in range(2):
+        tokens = runner.step(together, tokens).argmax(axis=-1)
+        runner.step(alone, tokens[2:])
+    runner.select(together, np.array([2]))
+    for now, then in zip(together.cross, alone.cross):
+        np.testing.assert_allclose(now, then, rtol=0, atol=1e-5)
+    for _ in range(3):
+        expected = runner.step(alone, tokens[2:])
+        np.testing.assert_allclose(runner.step(together, tokens[2:]), expected, rtol=0, atol=1e-4)
+        tokens = np.concatenate([tokens[:2], expected.argmax(axis=-1)])
+
+
+def test_prefix_export_without_shared_prefix_kv_is_refused(prefix_models, tmp_path):
+    """The earlier prefix layout (prefix inside every beam's cache) asks to be re-exported."""
+    import json
+    import shutil
+
+    from edgecap import Captioner
+    from edgecap.errors import ModelError
+
+    old = tmp_path / "old"
+    shutil.copytree(prefix_models["conv-mlp-p1"][1].model_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["shared_prefix_kv"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="re-export"):
+        Captioner(old)
+
+
 def test_manifest_says_prefix_and_records_parity(prefix_models):
     for cfg in PREFIX_CONFIGS:
         manifest = prefix_models[cfg.name][1].manifest
@@ -120,3 +198,69 @@ print(json.dumps({{'tokens': [r.token_ids for r in results], 'loaded': loaded}})
     assert report["loaded"] == []
     expected = captioner.caption(flickr_images[:2], max_new_tokens=10, num_beams=3)
     assert report["tokens"] == [r.token_ids for r in expected]
+
+
+# ---------------------------------------------------------------- quantized prefix exports
+
+INVARIANT_FORMATS = ["int8-dynamic", "int8-calibrated", "int4", "int8-block"]
+
+
+@pytest.fixture(scope="module")
+def prefix_formats(prefix_models, tmp_path_factory, sample_photos) -> dict:
+    """name -> a quantized prefix export: int8-dynamic through export_prefix_captioner's own
+    ``quantize=`` (per-row activations), calibrated int8-dynamic, int4 and int8-block (at
+    width 64: at the 48-wide fixture ORT's MatMulNBits kernel gives different results from one
+    session to the next) and fp16."""
+    from edgecap.export import export_prefix_captioner
+    from edgecap.export.quantize import quantize_export
+
+    root = tmp_path_factory.mktemp("prefix-formats")
+    calibration = root / "calibration"
+    calibration.mkdir()
+    for photo in sample_photos(12)[8:]:  # not the photos under test
+        (calibration / photo.name).write_bytes(photo.read_bytes())
+    cfg = next(c for c in PREFIX_CONFIGS if c.name == "vit-attn-p20")
+    (encoder, mapper, gpt2, processor), captioner = prefix_models[cfg.name]
+    export_prefix_captioner(encoder, mapper, gpt2, root / "int8-dynamic", image_processor=processor,
+                            tokenizer=captioner.model_dir / "tokenizer.json",
+                            prefix_length=cfg.prefix_length, quantize="int8-dynamic")
+    quantize_export(captioner.model_dir, root / "int8-calibrated", mode="int8-dynamic",
+                    calibration=calibration, calibration_count=4)
+    quantize_export(captioner.model_dir, root / "fp16", mode="fp16")
+    wide = prefix_models["conv-mlp-p10"][1].model_dir
+    for mode in ("int4", "int8-block"):
+        quantize_export(wide, root / mode, mode=mode, block_size=16)
+    return {name: root / name for name in [*INVARIANT_FORMATS, "fp16"]}
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("name", INVARIANT_FORMATS)
+def test_quantized_prefix_exports_caption_each_image_the_same_in_any_batch(
+        prefix_formats, sample_photos, name, num_beams):
+    from edgecap import Captioner
+    from test_batch_invariance import assert_same_tokens_in_any_batch
+
+    captioner = Captioner(prefix_formats[name])
+    quantization = captioner.manifest.quantization
+    if name != "int8-block":  # which kernel quantizes per row in any case
+        assert quantization["batch_invariant"] is True
+    if name == "int8-calibrated":
+        assert quantization["activations"]["decoder"] == "calibrated"
+    assert_same_tokens_in_any_batch(captioner, sample_photos(8), num_beams, max_new_tokens=8)
+
+
+def test_fp16_prefix_export_follows_fp32(prefix_models, prefix_formats, flickr_images):
+    """fp16 weights and math: every step's logits stay near fp32's along the same tokens."""
+    import numpy as np
+    from edgecap import Captioner
+
+    fp32 = prefix_models["vit-attn-p20"][1].runner
+    fp16 = Captioner(prefix_formats["fp16"]).runner
+    pixels = _pixels(Captioner(prefix_formats["fp16"]), flickr_images[:3])
+    states = [r.start(r.encode(pixels), repeats=2) for r in (fp32, fp16)]
+    tokens = np.zeros(6, np.int64)
+    for _ in range(4):
+        expected = fp32.step(states[0], tokens)
+        got = fp16.step(states[1], tokens)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=0.005 * np.abs(expected).max())
+        tokens = expected.argmax(axis=-1)
