@@ -66,3 +66,28 @@ def test_baselines_encode_once_inside_the_timed_generate(smoke_run, flickr_test_
         assert len(system.encoder_calls_ms) == 1
         assert encoder_ms == system.encoder_calls_ms[0] > 0 and decode_ms > 0
         assert len(tokens) == 2 and all(len(row) == 20 for row in tokens)
+
+
+def test_gpu_benchmark_runs_its_cpu_configuration(tiny_export, tmp_path):
+    """benchmarks/gpu.py without a GPU: --help works, the CPU rows (plain and IO binding) equal
+    the CPU fp32 reference, and every GPU row this onnxruntime cannot run is skipped with its
+    reason instead of being measured on the CPU."""
+    photos = REPO / "tests" / "data"
+    help_run = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0 and "--devices" in help_run.stdout
+    command = [sys.executable, "-m", "benchmarks.gpu", "--model", str(tiny_export),
+               "--devices", "cpu,cuda", "--precisions", "fp32", "--baselines", "none",
+               "--image-dir", str(photos), "--images", "2", "--warmup", "1",
+               "--out-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [report_file] = tmp_path.glob("*-gpu.json")
+    report = json.loads(report_file.read_text())
+    for name in ("edgecap-cpu-fp32", "edgecap-cpu-fp32-io-on"):
+        row = report["systems"][name]
+        assert row["images"] == row["identical_to_cpu_fp32"] == 2
+        assert 0 < row["p50_ms"] <= row["p95_ms"]
+    assert report["systems"]["edgecap-cpu-fp32-io-on"]["runner"] == "DeviceGraphRunner"
+    assert "edgecap-cuda-fp32" in report["systems"] or report["skipped"]["edgecap-cuda-fp32"]
+    assert "| edgecap-cpu-fp32 | 2 | 2/2 |" in (tmp_path / f"{report_file.stem}.md").read_text()
