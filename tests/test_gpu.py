@@ -246,3 +246,19 @@ def test_device_path_of_a_prefix_export(prefix_export, photos, monkeypatch, beam
     got = bound.caption(photos[:3], batch_size=3, **options)
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert any(r.token_ids for r in expected)
+
+
+def test_every_captioning_command_takes_the_gpu_settings(photos, capsys):
+    """caption, watch, serve and eval declare them once (options.RUNTIME); caption --ray
+    refuses them rather than ignore them (its actors reserve CPUs, not GPUs)."""
+    from edgecap.cli import main
+
+    for command in ("caption", "watch", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--engine-cache DIR" in capsys.readouterr().out
+    assert main(["caption", str(photos[0]), "--ray", "--precision", "fp16"]) == 2
+    assert "are for local runs, not --ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["caption", str(photos[0]), "--batch-size", str(MAX_BATCH + 1)])
+    assert f"must be <= {MAX_BATCH}" in capsys.readouterr().err
