@@ -19,19 +19,22 @@ from edgecap import Captioner
 from edgecap.options import runtime_from_args
 
 
-def load_flickr8k(data_dir: Path, split: str) -> tuple[list[Path], dict[str, list[str]]]:
-    """(image paths in split order, image name -> reference captions)."""
-    split_file = data_dir / f"split_{split}.txt"
-    if not split_file.is_file():
-        raise SystemExit(f"edgecap: error: {split_file} not found (splits: train, dev, test)")
-    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
-    references: dict[str, list[str]] = {name: [] for name in names}
-    for line in (data_dir / "captions.txt").read_text().splitlines():
-        key, _, caption = line.partition("\t")
-        name = key.split("#")[0]
-        if name in references:
-            references[name].append(caption.strip())
-    return [data_dir / "images" / name for name in names], references
+def load_folder(data_dir: Path, split: str) -> tuple[list[Path], dict[str, list[str]]]:
+    """(image paths in split order, image name -> reference captions) of any caption folder
+    ``edgecap train`` reads (Flickr8k's, captions.tsv, captions.jsonl; see ``datasets``)."""
+    from .datasets import SPLITS, CaptionsFormatError, load_source
+
+    if split not in SPLITS:
+        raise SystemExit(f"edgecap: error: unknown split {split!r} (splits: {', '.join(SPLITS)})")
+    try:
+        source = load_source(data_dir, check_images=False)
+    except CaptionsFormatError as exc:
+        raise SystemExit(f"edgecap: error: {exc}") from None
+    names = source.splits.get(split) or []
+    if not names:
+        raise SystemExit(f"edgecap: error: {data_dir}: the {split} split is empty")
+    references = {name: [c.text for c in source.captions[name]] for name in names}
+    return [source.images_dir / name for name in names], references
 
 
 def load_coco(json_path: Path, images_dir: Path | None) -> tuple[list[Path], dict[str, list[str]]]:
@@ -117,7 +120,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     from edgecap.options import generation_from_args
 
     if args.data.is_dir():
-        images, references = load_flickr8k(args.data, args.split)
+        images, references = load_folder(args.data, args.split)
     else:
         images, references = load_coco(args.data, args.images)
     if args.limit:

@@ -160,9 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
     references = None
     if args.data:
-        from .evaluate import load_flickr8k
+        from .evaluate import load_folder
 
-        images, references = load_flickr8k(args.data, args.split)
+        images, references = load_folder(args.data, args.split)
     elif args.images:
         images = [Path(p) for p in expand_inputs([str(args.images)])]
     else:
