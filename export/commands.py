@@ -44,12 +44,30 @@ def register(commands) -> None:
     export_trained = commands.add_parser(
         "export-trained", help="export a checkpoint written by `edgecap train`",
         description="Export a training checkpoint directory (encoder.pt, decoder/, id_map.json) "
-        "into edgecap's ONNX graphs, optionally quantized.",
+        "into edgecap's ONNX graphs, optionally quantized. A run of either --arch works: its "
+        "encoder.json says which family it is (--decoder-graph applies to cross-attention).",
     )
     export_trained.add_argument("checkpoint", type=Path, help="directory written by `edgecap train`")
     export_trained.add_argument("out", type=Path, help="output directory (created)")
     add_quantize_arguments(export_trained)
     export_trained.set_defaults(handler=run_export_trained)
+
+    export_prefix = commands.add_parser(
+        "export-prefix", help="export a ClipCap-style checkpoint folder (GPT-2 + mapper + "
+        "image encoder)",
+        description="Export a prefix captioner (an image encoder, a mapper to prefix_length "
+        "GPT-2 input embeddings, a GPT-2 without cross-attention) from a checkpoint folder: "
+        "prefix_captioner.json naming a GPT2LMHeadModel.save_pretrained() folder with its "
+        "tokenizer, the mapper (a state dict of ClipCap's MLP or transformer mapper; a whole "
+        "ClipCap checkpoint will do) and the image encoder (a Hugging Face vision model folder "
+        "or id, or an EfficientNet-Lite). The format is in docs/export.md. Every part is checked "
+        "before export, and the graphs against PyTorch before anything is written.",
+    )
+    export_prefix.add_argument("checkpoint", type=Path,
+                               help="folder holding prefix_captioner.json and the parts it names")
+    export_prefix.add_argument("out", type=Path, help="output directory (created)")
+    add_quantize_arguments(export_prefix, decoder_graph=False)
+    export_prefix.set_defaults(handler=run_export_prefix)
 
     report = commands.add_parser(
         "quality-report", help="what quantization cost: a quantized export vs its fp32 export",
@@ -84,11 +102,13 @@ def register(commands) -> None:
     evaluate.set_defaults(handler=run_eval)
 
 
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--decoder-graph", choices=["fused", "traced"], default="fused",
-                        help="fused (default): the step written with ONNX Runtime's fused "
-                        "attention and layer-norm kernels; traced: the TorchScript trace of the "
-                        "same maths (slower; for runtimes without com.microsoft ops)")
+def add_quantize_arguments(parser: argparse.ArgumentParser, decoder_graph: bool = True) -> None:
+    """The weight-format options; ``decoder_graph`` adds the choice of cross-attention step."""
+    if decoder_graph:
+        parser.add_argument("--decoder-graph", choices=["fused", "traced"], default="fused",
+                            help="fused (default): the step written with ONNX Runtime's fused "
+                            "attention and layer-norm kernels; traced: the TorchScript trace of "
+                            "the same maths (slower; for runtimes without com.microsoft ops)")
     parser.add_argument("--quantize", default="none",
                         choices=["none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16"],
                         help="weight format of the written graphs (default: none = fp32). CPU: "
@@ -165,6 +185,13 @@ def run_export_trained(args: argparse.Namespace) -> int:
     logging.getLogger("edgecap").setLevel(logging.INFO)
     return _export_and_quantize(lambda: export_checkpoint(
         args.checkpoint, args.out, fused=args.decoder_graph == "fused"), args)
+
+
+def run_export_prefix(args: argparse.Namespace) -> int:
+    from .prefix_checkpoint import export_prefix_checkpoint
+
+    logging.getLogger("edgecap").setLevel(logging.INFO)
+    return _export_and_quantize(lambda: export_prefix_checkpoint(args.checkpoint, args.out), args)
 
 
 def run_quality_report(args: argparse.Namespace) -> int:
