@@ -162,3 +162,30 @@ def test_webcaps_converter_on_a_tiny_repository(tmp_path, sample_photos, capsys)
                  "--commit", "0" * 40]) == 1
     assert "not a git repository with commit 0000" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_scores_a_tsv_folder_like_flickr(tmp_path, sample_photos, tiny_export, capsys):
+    """`edgecap eval` reads the folders train reads: a captions.tsv set's test split is captioned
+    and scored against its own references; a broken folder is a one-line error."""
+    from edgecap.cli import main as export_main
+
+    photos = sample_photos(6)
+    root = tmp_path / "web"
+    (root / "images").mkdir(parents=True)
+    for photo in photos:
+        (root / "images" / photo.name).write_bytes(photo.read_bytes())
+    (root / "captions.tsv").write_text(
+        "".join(f"{p.name}\ta photo of {p.stem}\talt-text\n" for p in photos))
+    (root / "split_train.txt").write_text("\n".join(p.name for p in photos[:3]) + "\n")
+    (root / "split_test.txt").write_text("\n".join(p.name for p in photos[3:]) + "\n")
+    out = tmp_path / "eval.json"
+    assert export_main(["eval", "--data", str(root), "--split", "test", "--model", str(tiny_export),
+                        "--no-meteor", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 3
+    assert sorted(report["captions"]) == sorted(p.name for p in photos[3:])
+    assert "CIDEr" in report["metrics"]
+
+    (root / "captions.txt").write_text("x.jpg#0\ta dog\n")  # two caption files: ambiguous
+    with pytest.raises(SystemExit, match="exactly one of captions.txt"):
+        export_main(["eval", "--data", str(root), "--split", "test", "--model", str(tiny_export)])
