@@ -327,5 +327,6 @@ def test_a_bad_model_or_option_fails_before_the_cluster_starts(tmp_path, capsys)
     image = str(Path(__file__).parent / "data" / "cat.jpg")
     assert main(["caption", image, "--ray", "--model", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip().startswith(f"edgecap: error: {tmp_path}")
-    assert main(["caption", image, "--ray", "--max-new-tokens", "100000"]) == 1
+    # An option the model cannot honour is a usage error, as everywhere (exit 2).
+    assert main(["caption", image, "--ray", "--max-new-tokens", "100000"]) == 2
     assert "max_new_tokens 100000 exceeds" in capsys.readouterr().err
