@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graphs import conv1d_linear, merge_heads, split_heads
+from .graphs import conv1d_linear, split_heads
 
 
 class PrefixEncoderGraph(nn.Module):
@@ -68,6 +68,7 @@ class PrefixStepGraph(nn.Module):
         self.tied = wte.data_ptr() == lm_head.data_ptr()
         self.output_embedding = nn.Parameter(lm_head.detach().t().contiguous(), requires_grad=False)
         self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
         self.scale_by_layer = bool(config.scale_attn_by_inverse_layer_idx)
         self.scale_weights = bool(config.scale_attn_weights)
 
@@ -79,48 +80,56 @@ class PrefixStepGraph(nn.Module):
         # Reshape reads as "keep this dimension".
         return self.output_embedding[:, input_ids].permute(1, 2, 0)
 
-    def attend(self, query, key, value, prefix_key, prefix_value, visible,
+    def scores(self, query, key, layer_idx: int) -> torch.Tensor:
+        """GPT-2's attention scores: query @ key^T, divided as ``GPT2Attention`` divides them
+        (ORT folds these divisions into the MatMul)."""
+        scores = torch.matmul(query, key.transpose(-1, -2))
+        if self.scale_weights:
+            scores = scores / (self.head_dim**0.5)
+        if self.scale_by_layer:
+            scores = scores / float(layer_idx + 1)
+        return scores
+
+    def attend(self, query, key, value, prefix_key, prefix_value, visible, sizes,
                layer_idx: int) -> torch.Tensor:
         """Causal self-attention over [the image's prefix K/V, then the row's own K/V].
 
         query [N, heads, Q, d]; key/value [N, heads, L, d]; prefix_key/value [images, heads,
-        C, d]; ``visible`` [Q, C + L]. The rows of an image become one group
-        ([images, rows per image, heads, ...]) and the prefix gets a broadcast axis there, so
-        its K/V are never repeated per row. One softmax spans both key sets: exactly
-        attention over the concatenated sequence.
+        C, d]; ``visible`` [Q, C + L]; ``sizes`` (images, C, Q, L) as traced sizes. The rows of
+        an image become one group ([images, rows per image, heads, ...]) and the prefix gets a
+        broadcast axis there, so its K/V are never repeated per row. One softmax spans both key
+        sets: exactly attention over the concatenated sequence. Returns [N, Q, width].
         """
-        images = prefix_key.shape[0]
-        # The tracer records these sizes as shape ops. No size here is zero at run time (a
-        # query always has a position, and so has its own key), which ONNX Reshape would read
-        # as "keep this dimension".
-        grouped = query.reshape(images, -1, query.shape[1], query.shape[2], query.shape[3])
-        own_key = key.reshape(images, -1, key.shape[1], key.shape[2], key.shape[3])
-        own_value = value.reshape(own_key.shape)
-        scores = torch.cat([torch.matmul(grouped, prefix_key.unsqueeze(1).transpose(-1, -2)),
-                            torch.matmul(grouped, own_key.transpose(-1, -2))], dim=-1)
-        if self.scale_weights:
-            scores = scores / (value.shape[-1] ** 0.5)
-        if self.scale_by_layer:
-            scores = scores / float(layer_idx + 1)
+        images, cached, new_len, own_len = sizes
+        heads, head_dim = self.num_heads, self.head_dim
+        # No size in these shapes is zero at run time (a query always has a position, and so
+        # has its own key), which ONNX Reshape would read as "keep this dimension".
+        grouped = query.reshape(images, -1, heads, new_len, head_dim)
+        own_key = key.reshape(images, -1, heads, own_len, head_dim)
+        own_value = value.reshape(images, -1, heads, own_len, head_dim)
+        scores = torch.cat([self.scores(grouped, prefix_key.unsqueeze(1), layer_idx),
+                            self.scores(grouped, own_key, layer_idx)], dim=-1)
         probs = torch.softmax(torch.where(visible, scores, torch.finfo(scores.dtype).min), dim=-1)
-        cached = prefix_key.shape[2]
         attended = (torch.matmul(probs[..., :cached], prefix_value.unsqueeze(1))
                     + torch.matmul(probs[..., cached:], own_value))
-        return merge_heads(attended.reshape(query.shape))
+        # [images, rows per image, heads, Q, d] -> [N, Q, heads * d]
+        return attended.transpose(2, 3).reshape(-1, new_len, heads * head_dim)
 
     def forward(self, input_ids: torch.Tensor, prefix_embeds: torch.Tensor,
                 *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tf = self.transformer
         past, prefix = caches[: 2 * self.num_layers], caches[2 * self.num_layers :]
         hidden = torch.cat([prefix_embeds, self.embed_tokens(input_ids)], dim=1)
-        # Lengths as tensor ops, so the traced graph reads them at run time (Python ints would be
-        # frozen in as the sample's lengths).
-        seen = torch._shape_as_tensor(prefix[0])[2] + torch._shape_as_tensor(past[0])[2]
-        new_len = torch._shape_as_tensor(hidden)[1]
-        positions = torch.arange(new_len) + seen
+        # Lengths read from the inputs' shapes once, as traced sizes, so the graph computes them
+        # at run time (Python ints would be frozen in as the sample's) and every layer shares
+        # them instead of recomputing its own.
+        images, cached = prefix[0].shape[0], prefix[0].shape[2]
+        past_len, new_len = past[0].shape[2], hidden.shape[1]
+        sizes = (images, cached, new_len, past_len + new_len)
+        positions = torch.arange(new_len) + (cached + past_len)
         hidden = hidden + tf.wpe(positions).unsqueeze(0)
         # The prefill sees several new positions at once: each may see keys up to its own.
-        visible = torch.arange(seen + new_len).unsqueeze(0) <= positions.unsqueeze(1)
+        visible = torch.arange(cached + past_len + new_len).unsqueeze(0) <= positions.unsqueeze(1)
         presents = []
         for i, block in enumerate(tf.h):
             x = block.ln_1(hidden)
@@ -130,7 +139,7 @@ class PrefixStepGraph(nn.Module):
             value = torch.cat([past[2 * i + 1], split_heads(value, self.num_heads)], dim=2)
             presents += [key, value]
             attended = self.attend(split_heads(query, self.num_heads), key, value, prefix[2 * i],
-                                   prefix[2 * i + 1], visible, i)
+                                   prefix[2 * i + 1], visible, sizes, i)
             hidden = hidden + conv1d_linear(attended, block.attn.c_proj)
             x = block.ln_2(hidden)
             x = block.mlp.act(conv1d_linear(x, block.mlp.c_fc))
