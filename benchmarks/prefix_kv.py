@@ -174,8 +174,9 @@ class Worker:
         return self._reply()
 
     def close(self) -> None:
-        self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-        self.proc.stdin.flush()
+        if self.proc.poll() is None:  # a worker that died has nothing to be told
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.flush()
         self.proc.wait(timeout=60)
 
 
@@ -237,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.before:
         parser.error("--before REV is required")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="edgecap-prefix-kv-"))
-    before_tree = unpack_revision(args.before, Path(tempfile.mkdtemp(prefix="edgecap-before-")))
-    workers = [Worker("before", work / "before", args, before_tree),
-               Worker("after", work / "after", args, None)]
+    unpacked = Path(tempfile.mkdtemp(prefix="edgecap-before-"))
+    workers: list[Worker] = []
     try:
+        before_tree = unpack_revision(args.before, unpacked)
+        workers.append(Worker("before", work / "before", args, before_tree))
+        workers.append(Worker("after", work / "after", args, None))
         results = {}
         for case in args.cases:
             beams, batch = case.removeprefix("beam").split(":")
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for w in workers:
             w.close()
-        shutil.rmtree(before_tree.parent, ignore_errors=True)
+        shutil.rmtree(unpacked, ignore_errors=True)
     print(markdown(results))
     if args.out:
         args.out.write_text(json.dumps({"before": args.before, "threads": args.threads,
