@@ -76,7 +76,8 @@ def test_prefix_model_served_over_http(prefix_export, flickr_images, expected):
             assert body["token_ids"] == want.token_ids
             assert body["generated_text"] == want.text
         status, body, _ = request(server.url + "/v1/captions", b"not an image")
-        assert status == 400, body  # bad input is still a clear error, not a crash
+        # Bad input is still a clear error, not a crash (422: a body that is not an image).
+        assert status == 422 and body["error"] == "bad_image", body
     finally:
         assert server.stop() == 0
 
