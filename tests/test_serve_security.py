@@ -341,7 +341,11 @@ def trickle_headers(port: int, source: str, limit_s: float) -> float:
             except OSError:  # reset: closed
                 return time.monotonic() - started
             readable, _, _ = select.select([sock], [], [], 1.0)
-            if readable and not sock.recv(4096):  # EOF: the server closed it
+            try:
+                closed = readable and not sock.recv(4096)  # EOF: the server closed it
+            except OSError:  # or reset it: closed as well
+                closed = True
+            if closed:
                 return time.monotonic() - started
             if time.monotonic() - started > limit_s:
                 break
