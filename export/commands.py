@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 # Torch-free: the train options are registered with the other commands at no cost.
+from .scst_config import add_scst_arguments, scst_config_from_args
 from .train_config import add_train_arguments, config_from_args
 
 
@@ -40,6 +41,18 @@ def register(commands) -> None:
     )
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
+
+    scst = commands.add_parser(
+        "train-scst", help="fine-tune a trained captioner on its own CIDEr-D (self-critical "
+        "sequence training)",
+        description="Fine-tune a checkpoint written by `edgecap train` with self-critical "
+        "sequence training: the model samples several captions per training image and learns "
+        "from how each one's CIDEr-D compares with its siblings'. Reuses the run's data folders, "
+        "feature cache and vocabulary; scores the dev split as it goes and writes the best model "
+        "(the starting one included) to --out, ready for `edgecap export-trained`.",
+    )
+    add_scst_arguments(scst)
+    scst.set_defaults(handler=run_train_scst)
 
     export_trained = commands.add_parser(
         "export-trained", help="export a checkpoint written by `edgecap train`",
@@ -139,6 +152,16 @@ def run_train(args: argparse.Namespace) -> int:
     from . import training
 
     return training.run(config_from_args(args))
+
+
+def run_train_scst(args: argparse.Namespace) -> int:
+    from . import scst
+
+    try:
+        return scst.run(scst_config_from_args(args))
+    except ValueError as exc:  # not a training checkpoint, or its data changed
+        print(f"edgecap: train-scst failed: {exc}")
+        return 1
 
 
 def _export_and_quantize(export, args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgecap.arg_types import positive_int
+
 # Per backbone and data folder beneath: <cache>/<backbone>/<folder name>-<path hash>/<image>.npy
 DEFAULT_CACHE_DIR = Path.home() / ".cache/edgecap/features"
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite2")
@@ -121,17 +123,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between resumable states (<out>/last.pt)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last.pt (same options)")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least one (a usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

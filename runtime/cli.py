@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .arg_types import positive_int
 from .batch import add_caption_arguments, run_caption
 from .errors import EdgecapError, OptionsError
 from .options import add_generation_arguments, add_runtime_arguments, generation_from_args
@@ -247,16 +248,6 @@ def non_negative_float(text: str) -> float:
     except ValueError:
         pass  # positive_float says what is wrong
     return positive_float(text)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
-    return value
 
 
 def _run_watch(args: argparse.Namespace) -> int:

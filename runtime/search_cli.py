@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from .arg_types import positive_int
 from .archive import DEFAULT_GAP_S, Archive, ArchiveError, Event, Hit, events, parse_time
 
 DESCRIPTION = """Search the caption archive that `edgecap watch` writes. Prints one line per
@@ -36,7 +37,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     search.add_argument("--camera", help="only this camera")
     search.add_argument("--since", type=_time_arg, help="only captions at or after this time")
     search.add_argument("--until", type=_time_arg, help="only captions before this time")
-    search.add_argument("--limit", type=_positive_int, default=50,
+    search.add_argument("--limit", type=positive_int, default=50,
                         help="at most this many matching captions (default 50), merged into events")
     search.add_argument("--gap", type=float, default=DEFAULT_GAP_S, metavar="SECONDS",
                         help="hits of one camera at most this far apart form one event "
@@ -52,13 +53,6 @@ def _time_arg(text: str):
         return parse_time(text)
     except ArchiveError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
