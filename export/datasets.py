@@ -246,14 +246,38 @@ def _first_line(path: Path, image: str) -> int:
 # ---------------------------------------------------------------- the web caption set
 
 
+# Web captions that read like a plain description of a photo ("a dog laying in the grass")
+# rather than alt-text about a product, a graphic or an event: they may train the describe style.
+DESCRIPTION_OPENERS = frozenset("a an two three four five several some".split())
+NOT_A_PHOTO = frozenset(
+    "vector illustration illustrations png psd clipart clip icon icons logo template pattern "
+    "poster card shirt t tee sticker print cartoon drawing painting stock design background "
+    "wallpaper font text words quote graphic banner flyer mockup isolated editorial diagram "
+    "infographic cover book album".split())
+PLACES_AND_ACTIONS = frozenset("on in at with near by under over through across along".split())
+
+
+def reads_like_description(caption: str) -> bool:
+    """True for an alt-text caption shaped like a Flickr8k description: it opens with an
+    article or a count, says what is happening or where, and names no graphic or product."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    if not 5 <= len(words) <= 20 or words[0] not in DESCRIPTION_OPENERS:
+        return False
+    if NOT_A_PHOTO.intersection(words) or "," in caption:
+        return False
+    return any(w.endswith("ing") and len(w) > 4 for w in words[1:]) \
+        or bool(PLACES_AND_ACTIONS.intersection(words[2:4]))
+
+
 def convert_webcaps(repo: str | Path, out: str | Path, commit: str = WEBCAPS_COMMIT,
                     folders: tuple[str, ...] = WEBCAPS_FOLDERS,
-                    holdout: int = MAX_HOLDOUT) -> dict[str, int]:
+                    holdout: int = MAX_HOLDOUT, describe_like: bool = False) -> dict[str, int]:
     """Write the web caption set from a clone or bare mirror of WEBCAPS_REPO into ``out``.
 
     Reads ``NAME.jpg`` + ``NAME.txt`` (the caption) + ``NAME.json`` (the source URL) at
     ``commit`` with ``git archive``; writes images/, captions.tsv (style alt-text), urls.tsv,
     hash-split split_*.txt files and SOURCE.md. Pairs without a caption or an image are skipped.
+    With ``describe_like``, captions that ``reads_like_description`` get the describe style.
 
     Returns:
         counts: images written, and the size of each split.
@@ -283,7 +307,8 @@ def convert_webcaps(repo: str | Path, out: str | Path, commit: str = WEBCAPS_COM
     keys = sorted(k for k in images if texts.get(k))
     names = [f"{k}.jpg" for k in keys]
     (out / "captions.tsv").write_text(
-        "".join(f"{k}.jpg\t{texts[k]}\t{ALT_TEXT}\n" for k in keys), encoding="utf-8")
+        "".join(f"{k}.jpg\t{texts[k]}\t{web_style(texts[k], describe_like)}\n" for k in keys),
+        encoding="utf-8")
     (out / "urls.tsv").write_text("".join(f"{k}.jpg\t{urls.get(k, '')}\n" for k in keys))
     splits = hash_split(names, min(holdout, len(names)))
     for split, part in splits.items():
@@ -291,6 +316,11 @@ def convert_webcaps(repo: str | Path, out: str | Path, commit: str = WEBCAPS_COM
     counts = {"images": len(names), **{s: len(p) for s, p in splits.items()}}
     (out / "SOURCE.md").write_text(webcaps_readme(commit, counts))
     return counts
+
+
+def web_style(caption: str, describe_like: bool) -> str:
+    """A web caption's style: alt-text, unless ``describe_like`` and it reads like one."""
+    return DESCRIBE if describe_like and reads_like_description(caption) else ALT_TEXT
 
 
 def check_commit(repo: str | Path, commit: str) -> None:
@@ -331,12 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--commit", default=WEBCAPS_COMMIT)
     web.add_argument("--holdout", type=int, default=MAX_HOLDOUT,
                      help="images held out as dev + test, by hash of the file name")
+    web.add_argument("--describe-like", action="store_true",
+                     help="give the describe style to captions that read like a plain "
+                     "description of a photo (the rest stay alt-text)")
     check = commands.add_parser("check", help="validate a data folder and count its splits")
     check.add_argument("folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "webcaps":
-            report = convert_webcaps(args.repo, args.out, args.commit, holdout=args.holdout)
+            report = convert_webcaps(args.repo, args.out, args.commit, holdout=args.holdout,
+                                     describe_like=args.describe_like)
         else:
             source = load_source(args.folder)
             styles = sorted({c.style for caps in source.captions.values() for c in caps})

@@ -15,6 +15,7 @@ from edgecap.export.datasets import (
     Caption,
     CaptionsFormatError,
     convert_webcaps,
+    reads_like_description,
     hash_split,
     load_source,
     main,
@@ -136,6 +137,8 @@ def test_webcaps_converter_on_a_tiny_repository(tmp_path, sample_photos, capsys)
         key = f"{k:09d}"
         (folder / f"{key}.jpg").write_bytes(photo.read_bytes())
         caption = "" if k == 5 else f"actor attends the\tpremiere {k}\n"  # no caption: skipped
+        if k == 4:
+            caption = "a black cat sitting on a wooden table\n"
         (folder / f"{key}.txt").write_text(caption)
         (folder / f"{key}.json").write_text(json.dumps({"url": f"https://example.org/{k}.jpg"}))
     git(repo, "init", "-q")
@@ -162,6 +165,29 @@ def test_webcaps_converter_on_a_tiny_repository(tmp_path, sample_photos, capsys)
                  "--commit", "0" * 40]) == 1
     assert "not a git repository with commit 0000" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+    # --describe-like: the one caption shaped like a plain description trains that style.
+    convert_webcaps(repo, tmp_path / "mixed", commit, folders=("data/00000",), holdout=2,
+                    describe_like=True)
+    mixed = load_source(tmp_path / "mixed")
+    assert mixed.captions["000000004.jpg"] == [Caption("a black cat sitting on a wooden table",
+                                                       DESCRIBE)]
+    assert {c.style for n, caps in mixed.captions.items() if n != "000000004.jpg"
+            for c in caps} == {ALT_TEXT}
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a dog laying in the grass with a collar on", True),
+    ("two young girls are fixing a car in a garage", True),
+    ("a woman in a cowboy hat walks with a horse", True),
+    ("actor attends the premiere of the film", False),  # no article: alt-text
+    ("a cat in a hat with flowers long sleeve t shirt", False),  # a product
+    ("a cartoon cat sleeping in the night, png and psd", False),
+    ("a happy dog", False),  # too short to be a description
+    ("the view from the top of the mountain looking down", False),
+])
+def test_reads_like_description(caption, expected):
+    assert reads_like_description(caption) is expected
 
 
 def test_eval_scores_a_tsv_folder_like_flickr(tmp_path, sample_photos, tiny_export, capsys):
