@@ -38,6 +38,11 @@ from .training import decoder_inputs, evaluate, metric_form, pad_batch, prepare_
 
 __all__ = ["ScstConfig", "scst_train", "sample_captions"]
 
+# Appended to every reference and to each sample that ended: n-grams across the end let the
+# reward tell a finished caption from one cut off mid-phrase ("a man in a blue shirt is on a"),
+# which plain CIDEr-D scores alike and SCST would otherwise learn to write.
+END_WORD = "endofcaption"
+
 
 def run_config(checkpoint: Path) -> TrainConfig:
     """The ``TrainConfig`` of the run that wrote ``checkpoint`` (its data, cache, backbone)."""
@@ -103,7 +108,7 @@ def scst_step(config: ScstConfig, encoder, decoder, opt, data: SplitData, images
         sampled = sample_captions(encoder, decoder, feats, starts, config.max_new_tokens,
                                   generator)
     texts = [metric_form(tokenizer.decode([id_map[t] for t in s if t != EOS_ID]))
-             for s in sampled]
+             + (f" {END_WORD}" if s and s[-1] == EOS_ID else "") for s in sampled]
     owners = [i for i in images for _ in range(k)]
     rewards = torch.tensor([cider.score(t, i) for t, i in zip(texts, owners)])
     advantage = leave_one_out_advantage(rewards, k)
@@ -145,7 +150,8 @@ def scst_train(config: ScstConfig) -> dict:
     if data_id_map != id_map:
         raise ValueError(f"{checkpoint}: its data folders now give a different vocabulary "
                          "than the one it was trained with")
-    cider = CorpusCider([[metric_form(r) for r in refs] for refs in train_data.refs])
+    cider = CorpusCider([[f"{metric_form(r)} {END_WORD}" for r in refs]
+                         for refs in train_data.refs])
     opt = torch.optim.AdamW(trainable(encoder, decoder), lr=config.lr, weight_decay=0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     recorded = json.loads((checkpoint / "train_config.json").read_text())
