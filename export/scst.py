@@ -11,7 +11,7 @@ It starts from an ``edgecap train`` checkpoint and reuses that run's data folder
 cache and vocabulary (read from its ``train_config.json``). The dev split is scored every
 ``eval_every`` steps; the best model (the starting one included) is written to the output
 folder in ``edgecap train``'s format, so ``edgecap export-trained`` takes it as it is.
-Run as ``edgecap train-scst CHECKPOINT --out DIR`` or ``python -m edgecap.export.scst``.
+Run as ``edgecap train-scst CHECKPOINT --out DIR``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from .scst_reward import CorpusCider
 from .train_config import TrainConfig
 from .train_data import EOS_ID, SplitData, image_tokens
 from .train_state import save_model
-from .training import decoder_inputs, evaluate, metric_form, pad_batch, prepare_data
+from .training import (decode_rows, decoder_inputs, evaluate, metric_form, pad_batch,
+                       prepare_data)
 
 __all__ = ["ScstConfig", "scst_train", "sample_captions"]
 
@@ -55,27 +56,15 @@ def run_config(checkpoint: Path) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in recorded.items() if k in known})
 
 
-@torch.no_grad()
 def sample_captions(encoder, decoder, feats, start_ids: list[int], max_new_tokens: int,
                     generator: torch.Generator | None = None) -> list[list[int]]:
     """One caption sampled from the model's distribution per row (KV-cached); each holds its
     tokens after the start token, up to and with EOS when one was sampled."""
-    enc = image_tokens(encoder, feats)
-    tokens = torch.tensor(start_ids, dtype=torch.long)[:, None]
-    done = torch.zeros(len(start_ids), dtype=torch.bool)
-    past, out = None, []
-    for _ in range(max_new_tokens):
-        step = decoder(**decoder_inputs(decoder, enc, tokens, past), past_key_values=past,
-                       use_cache=True)
-        past = step.past_key_values
-        probs = torch.softmax(step.logits[:, -1].float(), dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator)
-        tokens[done] = EOS_ID
-        out.append(tokens[:, 0])
-        done |= tokens[:, 0] == EOS_ID
-        if done.all():
-            break
-    rows = torch.stack(out, 1).tolist()
+
+    def sample(logits):
+        return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)
+
+    rows = decode_rows(encoder, decoder, feats, start_ids, sample, max_new_tokens)
     return [r[: r.index(EOS_ID) + 1] if EOS_ID in r else r for r in rows]
 
 
@@ -218,18 +207,3 @@ def run(config: ScstConfig) -> int:
     result = scst_train(config)
     print(json.dumps({k: result[k] for k in ("start_dev_cider", "best_dev_cider", "best_step")}))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m edgecap.export.scst``: the same options as ``edgecap train-scst``."""
-    import argparse
-
-    from .scst_config import add_scst_arguments, scst_config_from_args
-
-    parser = argparse.ArgumentParser(prog="edgecap-train-scst", description=__doc__)
-    add_scst_arguments(parser)
-    return run(scst_config_from_args(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -93,10 +93,10 @@ def caption_loss(encoder, decoder, feats, ids, target_mask, label_smoothing=0.0)
 
 
 @torch.no_grad()
-def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
-                  max_new_tokens: int = 20) -> list:
-    """KV-cached greedy decoding from each image's start (style) token; returns pruned ids per
-    image, without start/end tokens."""
+def decode_rows(encoder, decoder, feats, start_ids: list[int], choose,
+                max_new_tokens: int = 20) -> list[list[int]]:
+    """KV-cached decoding from each image's start (style) token; ``choose(logits)`` picks each
+    step's (rows, 1) tokens. Rows that ended keep getting EOS; returns every step's tokens."""
     enc = image_tokens(encoder, feats)
     tokens = torch.tensor(start_ids, dtype=torch.long)[:, None]
     done = torch.zeros(len(start_ids), dtype=torch.bool)
@@ -105,13 +105,20 @@ def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
         step = decoder(**decoder_inputs(decoder, enc, tokens, past), past_key_values=past,
                        use_cache=True)
         past = step.past_key_values
-        tokens = step.logits[:, -1].argmax(-1, keepdim=True)
-        tokens[done] = eos_id  # finished rows keep feeding EOS
-        done |= tokens[:, 0] == eos_id
+        tokens = choose(step.logits[:, -1])
+        tokens[done] = EOS_ID  # finished rows keep feeding EOS
+        done |= tokens[:, 0] == EOS_ID
         out.append(tokens[:, 0])
         if done.all():
             break
-    rows = torch.stack(out, 1).tolist()
+    return torch.stack(out, 1).tolist()
+
+
+def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
+                  max_new_tokens: int = 20) -> list:
+    """Greedy decoding; returns pruned ids per image, without start/end tokens."""
+    rows = decode_rows(encoder, decoder, feats, start_ids,
+                       lambda logits: logits.argmax(-1, keepdim=True), max_new_tokens)
     return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
 
 
