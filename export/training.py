@@ -266,6 +266,11 @@ def train(config: TrainConfig) -> dict:
     if config.resume and (out_dir / "last.pt").is_file():
         state = load_state(out_dir / "last.pt", encoder, decoder, opt, id_map)
         print(f"resumed at step {state.step} (epoch {state.epoch})", file=sys.stderr)
+        if state.stopped == "early stop" and state.bad_epochs < config.patience:
+            # A larger --patience on resume continues a run that stopped early.
+            print(f"continuing an early-stopped run: patience now {config.patience}",
+                  file=sys.stderr)
+            state.stopped = None
     elif config.resume:  # killed before its first state (e.g. while extracting features)
         print(f"{out_dir / 'last.pt'} not written yet: training from step 0", file=sys.stderr)
     if state.stopped is None:

@@ -159,3 +159,31 @@ def test_resume_continues_where_a_killed_run_stopped(tmp_path, mini_flickr, feat
     # A finished run resumes to nothing more.
     again = training.train(config("run", resume=True))
     assert again["step_losses"] == resumed["step_losses"]
+
+
+def test_resume_with_more_patience_continues_an_early_stopped_run(tmp_path, mini_flickr,
+                                                                  feature_cache, monkeypatch):
+    from edgecap.export import training
+    from edgecap.export.training import TrainConfig
+
+    scores = iter([0.5, 0.4, 0.45, 0.6])  # dev CIDEr-D of epochs 1 to 4: epoch 2 loses
+
+    def scripted_evaluate(*args):
+        return {"dev_loss": 1.0, "dev_cider": next(scores), "images": 4, "sample": ["a dog"]}
+
+    monkeypatch.setattr(training, "evaluate", scripted_evaluate)
+
+    def config(**changes) -> TrainConfig:
+        settings = dict(TINY, epochs=4, warmup_steps=2, cache_dir=feature_cache) | changes
+        return TrainConfig(mini_flickr, tmp_path / "run", **settings)
+
+    first = training.train(config(patience=1))
+    assert [r["epoch"] for r in first["history"]] == [1, 2] and first["best_epoch"] == 1
+    # The same patience: still stopped, nothing trains.
+    same = training.train(config(patience=1, resume=True))
+    assert same["step_losses"] == first["step_losses"]
+    # More patience: epochs 3 and 4 train, and epoch 4's better score is kept.
+    more = training.train(config(patience=3, resume=True))
+    assert [r["epoch"] for r in more["history"]] == [1, 2, 3, 4]
+    assert more["best_epoch"] == 4 and more["best_dev_cider"] == 0.6
+    assert len(more["step_losses"]) == 20
