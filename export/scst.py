@@ -31,8 +31,9 @@ from tokenizers import Tokenizer
 from .captioner_model import load_trained
 from .scst_config import ScstConfig
 from .scst_reward import CorpusCider
-from .train_config import TrainConfig
-from .train_data import EOS_ID, SplitData, image_tokens
+from .datasets import load_source
+from .train_config import TrainConfig, data_dirs
+from .train_data import EOS_ID, SplitData, image_tokens, split_names
 from .train_state import save_model
 from .training import (decode_rows, decoder_inputs, evaluate, metric_form, pad_batch,
                        prepare_data)
@@ -166,7 +167,8 @@ def scst_train(config: ScstConfig) -> dict:
     best_step = 0
     save_best(out_dir, encoder, decoder, id_map, tokenizer, best, 0, source_names)
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
-    order = np.random.default_rng(config.seed).permutation(len(train_data.refs)).tolist()
+    order = np.random.default_rng(config.seed).permutation(
+        trained_images(config, train_config, len(train_data.refs))).tolist()
     started, rewards = time.time(), []
     for step in range(1, config.steps + 1):
         if budget_s and time.time() - started > budget_s:
@@ -191,6 +193,15 @@ def scst_train(config: ScstConfig) -> dict:
     log.close()
     return {"start_dev_cider": start, "best_dev_cider": best, "best_step": best_step,
             "history": history}
+
+
+def trained_images(config: ScstConfig, train_config: TrainConfig, total: int) -> int:
+    """How many of the merged training images SCST samples: all, or the first folder's (which
+    come first in the merged split)."""
+    if not config.first_folder_only:
+        return total
+    first = load_source(data_dirs(train_config)[0], check_images=False)
+    return len(split_names(first, "train", train_config.max_train_images))
 
 
 def save_best(out_dir: Path, encoder, decoder, id_map, tokenizer, dev_cider: float, step: int,

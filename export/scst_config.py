@@ -27,6 +27,7 @@ class ScstConfig:
     eval_every: int = 100  # steps between dev scores (the best one is kept)
     log_every: int = 10
     bf16: bool = False  # bf16 autocast for sampling and the loss (fp32 master weights)
+    first_folder_only: bool = False  # sample only the first --data folder's training images
     threads: int = 2
     seed: int = 0
 
@@ -54,6 +55,9 @@ def add_scst_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between progress lines; 0: none")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast for sampling and the loss")
+    parser.add_argument("--first-folder-only", action="store_true",
+                        help="train on the images of the run's first --data folder only (the "
+                        "one whose dev split picks the best model)")
     parser.add_argument("--threads", type=at_least(1), default=defaults.threads,
                         help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -65,4 +69,5 @@ def scst_config_from_args(args: argparse.Namespace) -> ScstConfig:
         time_budget_min=args.time_budget_min, lr=args.lr, samples=args.samples,
         images_per_step=args.images_per_step, max_new_tokens=args.max_new_tokens,
         eval_every=args.eval_every, log_every=args.log_every, bf16=args.bf16,
+        first_folder_only=args.first_folder_only,
         threads=args.threads, seed=args.seed)

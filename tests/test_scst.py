@@ -96,6 +96,17 @@ def test_scst_run_keeps_the_best_and_exports(trained, tmp_path, flickr_images):
         assert 1 <= len(row) <= 5 and 0 not in row[:-1]
 
 
+def test_first_folder_only_counts_that_folders_training_images(tmp_path, mini_flickr):
+    from edgecap.export import scst
+    from edgecap.export.train_config import TrainConfig
+
+    run = TrainConfig([mini_flickr, mini_flickr], tmp_path, max_train_images=8)
+    assert scst.trained_images(scst.ScstConfig("c", "o"), run, 16) == 16
+    only_first = scst.ScstConfig("c", "o", first_folder_only=True)
+    assert scst.trained_images(only_first, run, 16) == 8
+    assert scst.trained_images(only_first, TrainConfig(mini_flickr, tmp_path), 12) == 12
+
+
 def test_scst_refuses_a_folder_not_written_by_train(tmp_path):
     from edgecap.export.scst import ScstConfig, scst_train
 
