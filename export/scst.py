@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from .captioner_model import load_trained
+from .datasets import load_source
 from .scst_config import ScstConfig
 from .scst_reward import CorpusCider
-from .datasets import load_source
 from .train_config import TrainConfig, data_dirs
 from .train_data import EOS_ID, SplitData, image_tokens, split_names
 from .train_state import save_model
@@ -169,14 +169,14 @@ def scst_train(config: ScstConfig) -> dict:
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     order = np.random.default_rng(config.seed).permutation(
         trained_images(config, train_config, len(train_data.refs))).tolist()
+    encoder.eval()  # no dropout: samples and gradients come from the same policy
+    decoder.eval()
     started, rewards = time.time(), []
     for step in range(1, config.steps + 1):
         if budget_s and time.time() - started > budget_s:
             break
-        at = (step - 1) * config.images_per_step % len(order)
-        images = (order + order)[at : at + config.images_per_step]
-        encoder.eval()  # no dropout: samples and gradients come from the same policy
-        decoder.eval()
+        at = (step - 1) * config.images_per_step
+        images = [order[(at + j) % len(order)] for j in range(config.images_per_step)]
         result = scst_step(config, encoder, decoder, opt, train_data, images, cider, tokenizer,
                            id_map, generator)
         rewards.append(result["reward"])

@@ -114,12 +114,12 @@ def decode_rows(encoder, decoder, feats, start_ids: list[int], choose,
     return torch.stack(out, 1).tolist()
 
 
-def greedy_decode(encoder, decoder, feats, start_ids: list[int], eos_id: int,
+def greedy_decode(encoder, decoder, feats, start_ids: list[int],
                   max_new_tokens: int = 20) -> list:
     """Greedy decoding; returns pruned ids per image, without start/end tokens."""
     rows = decode_rows(encoder, decoder, feats, start_ids,
                        lambda logits: logits.argmax(-1, keepdim=True), max_new_tokens)
-    return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
+    return [r[: r.index(EOS_ID)] if EOS_ID in r else r for r in rows]
 
 
 def cider_d(hypotheses: list[str], references: list[list[str]]) -> float:
@@ -163,7 +163,7 @@ def evaluate(encoder, decoder, dev: SplitData, tokenizer, id_map: list[int]) -> 
     hyps = []
     for k in range(0, len(dev.refs), 125):
         for row in greedy_decode(encoder, decoder, dev.feats[k : k + 125],
-                                 dev.start_ids[k : k + 125], EOS_ID):
+                                 dev.start_ids[k : k + 125]):
             hyps.append(tokenizer.decode([id_map[t] for t in row]).strip())
     return {"dev_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses),
             "dev_cider": cider_d(hyps, dev.refs), "images": len(hyps), "sample": hyps[:3]}
