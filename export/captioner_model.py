@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 BACKBONE_NAME = "efficientnet-lite0"  # v1's backbone; checkpoints without encoder.json use it
 BACKBONE_CHANNELS = 1280  # channels of extract_features() output
 NUM_IMAGE_TOKENS = 49  # 7x7 grid at 224x224 input
+IMAGENET_CLASSES = 1000  # rows of the backbone's own classifier head (``_fc``)
 GPT2_EOS_ID = 50256
 CAPTION_POSITIONS = 64  # decoder positions for the start token, a caption and its end
 
@@ -49,20 +50,34 @@ def build_backbone(pretrained: bool = True, name: str = BACKBONE_NAME) -> nn.Mod
 
 
 class FeatureEncoder(nn.Module):
-    """Image -> (B, 49, d_model) tokens for the decoder's cross-attention.
+    """Image -> (B, 49 + tags, d_model) tokens for the decoder's cross-attention.
 
     `forward` runs the backbone; `project` applies only the trainable head to backbone
     features, so training can run on a feature cache while export traces `forward`.
+
+    With ``tags`` > 0 the decoder also attends to the backbone's own ImageNet verdict: the
+    ``tags`` most likely classes of its classifier head, each a learned class embedding plus
+    its probability, appended after the grid tokens. This grounds words in what the frozen
+    encoder already knows (a "tabby" or an "espresso" the caption data may rarely name).
     """
 
     def __init__(self, d_model: int = 384, pretrained_backbone: bool = True,
-                 backbone: str = BACKBONE_NAME):
+                 backbone: str = BACKBONE_NAME, tags: int = 0):
         super().__init__()
         self.backbone_name = backbone
         self.backbone = build_backbone(pretrained_backbone, backbone)
         self.proj = nn.Linear(BACKBONE_CHANNELS, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.pos = nn.Parameter(torch.randn(1, NUM_IMAGE_TOKENS, d_model) * 0.02)
+        self.tags = tags
+        if tags:
+            self.tag_embed = nn.Embedding(IMAGENET_CLASSES, d_model)
+            nn.init.normal_(self.tag_embed.weight, std=0.02)
+            self.tag_prob = nn.Parameter(torch.zeros(d_model))  # scaled by each class's probability
+            self.tag_norm = nn.LayerNorm(d_model)
+            self.tag_pos = nn.Parameter(torch.randn(1, tags, d_model) * 0.02)
+        # Presence heads (``grounding.PresenceHeads``), fitted after training; export adds them.
+        self.presence: nn.Module | None = None
 
     def backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, 224, 224) normalized pixels -> (B, 49, 1280) backbone tokens."""
@@ -70,15 +85,34 @@ class FeatureEncoder(nn.Module):
         return fmap.flatten(2).transpose(1, 2)  # row-major over the 7x7 grid
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, 49, 1280) backbone tokens -> (B, 49, d_model) decoder-ready tokens."""
-        return self.norm(self.proj(features)) + self.pos
+        """(B, 49, 1280) backbone tokens -> (B, 49 + tags, d_model) decoder-ready tokens."""
+        grid = self.norm(self.proj(features)) + self.pos
+        if not self.tags:
+            return grid
+        scores, ids = self.class_probs(features).topk(self.tags, dim=-1)
+        tag_tokens = self.tag_embed(ids) + scores[..., None] * self.tag_prob
+        return torch.cat([grid, self.tag_norm(tag_tokens) + self.tag_pos], dim=1)
+
+    def class_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 49, 1280) backbone tokens -> (B, 1000) ImageNet probabilities, as the backbone's
+        own ``forward`` computes them (mean over the grid, then its classifier head)."""
+        return torch.softmax(self.backbone._fc(features.float().mean(dim=1)), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project(self.backbone_features(pixel_values))
 
+    def grounded(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Tokens and the grounding outputs export adds to the encoder graph, from one backbone
+        pass: (B, S, d) tokens, then presence probabilities (B, labels) when heads are fitted,
+        the top ImageNet class ids (B, k) and their probabilities (B, k)."""
+        from .grounding import grounding_outputs
+
+        features = self.backbone_features(pixel_values)
+        return self.project(features), grounding_outputs(self, features)
+
     def spec(self) -> dict:
         """What ``encoder.json`` records: enough to rebuild this module before loading weights."""
-        return {"backbone": self.backbone_name}
+        return {"backbone": self.backbone_name, **({"tags": self.tags} if self.tags else {})}
 
 
 class PrefixEncoder(FeatureEncoder):
@@ -159,7 +193,7 @@ def build_encoder(spec: dict, d_model: int, pretrained_backbone: bool = True,
     """The encoder an ``encoder.json`` spec describes (no "arch": the cross-attention one)."""
     backbone = spec.get("backbone", BACKBONE_NAME)
     if spec.get("arch", "cross-attention") == "cross-attention":
-        return FeatureEncoder(d_model, pretrained_backbone, backbone)
+        return FeatureEncoder(d_model, pretrained_backbone, backbone, spec.get("tags", 0))
     if spec["arch"] != "prefix":
         raise ValueError(f"unknown encoder arch {spec['arch']!r} (known: cross-attention, prefix)")
     return PrefixEncoder(d_model, spec["prefix_length"], spec["mapper_layers"],
@@ -203,5 +237,10 @@ def load_trained(model_dir: str | Path) -> tuple[FeatureEncoder, GPT2LMHeadModel
     encoder = build_encoder(spec, decoder.config.n_embd, pretrained_backbone=False)
     state = torch.load(model_dir / "encoder.pt", map_location="cpu", weights_only=True)
     encoder.load_state_dict(state)
+    from .grounding import load_presence
+
+    presence = load_presence(model_dir)  # fitted by `edgecap train-presence`, when it was run
+    if presence is not None:
+        encoder.presence = presence[0]
     id_map = json.loads((model_dir / "id_map.json").read_text())
     return encoder.eval(), decoder.eval(), id_map

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 
 # Torch-free: the train options are registered with the other commands at no cost.
+from .presence_config import DESCRIPTION as PRESENCE_DESCRIPTION
+from .presence_config import add_presence_arguments
 from .scst_config import add_scst_arguments, scst_config_from_args
 from .train_config import add_train_arguments, config_from_args
 
@@ -53,6 +55,12 @@ def register(commands) -> None:
     )
     add_scst_arguments(scst)
     scst.set_defaults(handler=run_train_scst)
+
+    presence = commands.add_parser(
+        "train-presence", help="fit presence heads (person, ...) that ground a trained captioner",
+        description=PRESENCE_DESCRIPTION)
+    add_presence_arguments(presence)
+    presence.set_defaults(handler=run_train_presence)
 
     export_trained = commands.add_parser(
         "export-trained", help="export a checkpoint written by `edgecap train`",
@@ -152,6 +160,12 @@ def run_train(args: argparse.Namespace) -> int:
     from . import training
 
     return training.run(config_from_args(args))
+
+
+def run_train_presence(args: argparse.Namespace) -> int:
+    from . import grounding
+
+    return grounding.run(args)
 
 
 def run_train_scst(args: argparse.Namespace) -> int:

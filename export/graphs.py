@@ -57,14 +57,24 @@ class EncoderGraph(nn.Module):
         self.blocks = decoder_blocks
         self.num_heads = num_heads
 
+    @property
+    def grounded(self) -> bool:
+        """True when ``encode`` has presence heads: the graph then also emits the grounding
+        outputs (edgecap.manifest.GROUNDING_OUTPUTS) after the cross K/V."""
+        return getattr(self.encode, "presence", None) is not None
+
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        states = self.encode(pixel_values)
+        extras: tuple[torch.Tensor, ...] = ()
+        if self.grounded:
+            states, extras = self.encode.grounded(pixel_values)
+        else:
+            states = self.encode(pixel_values)
         outputs = []
         for block in self.blocks:
             cross = block.crossattention
             key, value = conv1d_linear(states, cross.c_attn).split(cross.split_size, dim=2)
             outputs += [split_heads(key, self.num_heads), split_heads(value, self.num_heads)]
-        return tuple(outputs)
+        return tuple(outputs) + tuple(extras)
 
 
 class HFVisionEncoder(nn.Module):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from edgecap.manifest import (
-    INPUT_IDS, LOGITS, PIXEL_VALUES, GenerationOptions, Manifest, Preprocessing, past_names,
+    GROUNDING_OUTPUTS, INPUT_IDS, LOGITS, PIXEL_VALUES, GenerationOptions, Manifest, Preprocessing, past_names,
 )
 from edgecap.preprocess import RESAMPLE
 
@@ -267,6 +267,11 @@ def export_captioner(
         encoder_graph = EncoderGraph(encode, lm_model.transformer.h, heads).eval()
         log.info("exporting encoder graph (%d decoder layers' cross K/V)", layers)
         _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", layers)
+        grounding = {}
+        if encoder_graph.grounded:
+            from .grounding import write_grounding
+
+            grounding = write_grounding(encoder_graph, staging / "encoder.onnx", pixels, staging)
         decoder_kind = _write_decoder(lm_model, staging / "decoder.onnx", fused, encoder_seq_len)
         parity = check_parity(staging, pixels, reference, layers, special["decoder_start_token_id"],
                               config.vocab_size, steps=check_steps)
@@ -289,6 +294,7 @@ def export_captioner(
             opset=OPSET,
             shared_cross_kv=True,
             styles=dict(styles or {}),
+            grounding=grounding,
             provenance={**(provenance or {}), "parity": parity, "decoder_graph": decoder_kind,
                         **({"fused_revision": FUSED_GRAPH_REVISION} if decoder_kind == "fused" else {}),
                         "torch": torch.__version__},
@@ -340,8 +346,9 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
 
 def _export_encoder(graph: EncoderGraph, pixels: torch.Tensor, path: Path, layers: int) -> None:
     cross, _, _ = input_output_names(layers)
-    axes = {PIXEL_VALUES: {0: "batch"}, **{name: {0: "batch"} for name in cross}}
-    _export(graph, (pixels,), path, [PIXEL_VALUES], cross, axes)
+    outputs = cross + (list(GROUNDING_OUTPUTS) if graph.grounded else [])
+    axes = {PIXEL_VALUES: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
+    _export(graph, (pixels,), path, [PIXEL_VALUES], outputs, axes)
 
 
 def _write_decoder(lm_model: nn.Module, path: Path, fused: bool, encoder_seq_len: int) -> str:

@@ -45,6 +45,9 @@ class TrainConfig:
     mapper_layers: int = 2  # prefix only: transformer blocks of the mapper
     backbone: str = "efficientnet-lite2"  # ImageNet encoder, run at 224x224 (49 tokens)
     tune_encoder_head: bool = True  # also train the backbone's last 1x1 conv (on cached blocks)
+    # cross-attention only: the backbone's top-k ImageNet classes as extra tokens the decoder
+    # attends to (needs the frozen head, whose classifier they come from); 0: none
+    tags: int = 0
     label_smoothing: float = 0.1  # cross-entropy label smoothing (training loss only)
     dropout: float = 0.1  # decoder dropout: embeddings, attention, residuals
     bf16: bool = False  # bf16 autocast for training steps (fp32 master weights)
@@ -98,6 +101,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tune-encoder-head", dest="tune_encoder_head",
                         action="store_false",
                         help="keep the backbone's last 1x1 conv frozen too (caches its output)")
+    parser.add_argument("--tags", type=int, default=defaults.tags,
+                        help="also let the decoder attend to the backbone's K most likely "
+                        "ImageNet classes (cross-attention, with --no-tune-encoder-head)")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--dropout", type=float, default=defaults.dropout,
                         help="decoder dropout (embeddings, attention, residuals)")
@@ -133,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_steps=args.warmup_steps, n_layer=args.n_layer, n_embd=args.n_embd,
         n_head=args.n_head, arch=args.arch, prefix_length=args.prefix_length,
         mapper_layers=args.mapper_layers, backbone=args.backbone, tune_encoder_head=args.tune_encoder_head,
+        tags=args.tags,
         label_smoothing=args.label_smoothing,
         dropout=args.dropout, bf16=args.bf16, dev_images=args.dev_images, patience=args.patience,
         max_train_images=args.max_train_images, max_steps=args.max_steps,

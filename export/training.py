@@ -239,6 +239,9 @@ def train(config: TrainConfig) -> dict:
         dict with best_dev_cider, best_epoch, step_losses (every step's train loss, over all
         resumed parts) and history (one record per epoch).
     """
+    if config.tags and (config.arch != CROSS_ATTENTION or config.tune_encoder_head):
+        raise ValueError("--tags needs --arch cross-attention and --no-tune-encoder-head (the "
+                         "tags come from the frozen backbone's own classifier)")
     out_dir = Path(config.out_dir)
     bpe_dir = Path(config.bpe_dir) if config.bpe_dir else data_dirs(config)[0].parent / "gpt2-bpe"
     torch.set_num_threads(config.threads)
@@ -283,7 +286,7 @@ def train(config: TrainConfig) -> dict:
 def encoder_spec(config: TrainConfig) -> dict:
     """The ``encoder.json`` spec of the encoder this run trains (see ``build_encoder``)."""
     if config.arch == CROSS_ATTENTION:
-        return {"backbone": config.backbone}
+        return {"backbone": config.backbone, **({"tags": config.tags} if config.tags else {})}
     return {"backbone": config.backbone, "arch": config.arch,
             "prefix_length": config.prefix_length, "mapper_layers": config.mapper_layers,
             "mapper_heads": config.n_head}

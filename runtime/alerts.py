@@ -45,7 +45,7 @@ log = logging.getLogger("edgecap.alerts")
 DEFAULT_QUEUE_SIZE = 100  # alerts waiting per target kind before new ones are dropped
 DEFAULT_COOLDOWN_S = 60.0
 PAYLOAD_KEYS = ("camera", "generated_text", "stream_time", "wall_time", "frame_index", "score",
-                "snapshot")
+                "tags", "snapshot")
 # The archive's tokenizer (runtime/archive.py), so a rule matches what `edgecap search` finds.
 FTS_TABLE = "CREATE VIRTUAL TABLE one_caption USING fts5 (caption, tokenize='porter unicode61')"
 

@@ -13,7 +13,8 @@ import numpy as np
 from .decoding import Hypothesis, beam_search, greedy_search
 from .device_runner import make_runner
 from .errors import EdgecapError, ModelError, OptionsError
-from .manifest import PIXEL_VALUES, GenerationOptions, Manifest
+from .grounding import Grounding
+from .manifest import GROUNDING_OUTPUTS, PIXEL_VALUES, GenerationOptions, Manifest
 from .options import IO_BINDING, check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
 from .results import CaptionFailure, CaptionResult
@@ -62,6 +63,8 @@ class Captioner:
                                        precision=precision, engine_cache=engine_cache)
         _check_graphs(encoder, decoder, m, self.model_dir)
         self.runner = make_runner(encoder, decoder, m, io_binding)
+        self.grounding = Grounding.from_manifest(m.grounding, self.model_dir,
+                                                 self.tokenizer.to_decoder_ids)
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The manifest's generation defaults with the given (non-None) overrides.
@@ -162,10 +165,17 @@ class Captioner:
         m = self.manifest
         pixels = preprocess_batch(images, m.preprocessing)
         encoded_at = time.perf_counter()
-        cross = self.runner.encode(pixels)
+        gates, tags = None, [[] for _ in images]
+        if self.grounding is None:
+            cross = self.runner.encode(pixels)
+        else:
+            cross, (presence, tag_ids, tag_scores) = self.runner.encode_grounded(pixels)
+            tags = self.grounding.tags(presence, tag_ids, tag_scores)
+            gates = self.grounding.image_bans(presence) if options.presence_gate else None
         decoded_at = time.perf_counter()
         search = beam_search if options.num_beams > 1 else greedy_search
-        hypotheses = search(self.runner, cross, options, m.start_token(options.style), m.eos_token_id)
+        hypotheses = search(self.runner, cross, options, m.start_token(options.style),
+                            m.eos_token_id, gates)
         done = time.perf_counter()
         timings = {
             "preprocess_ms": (encoded_at - began) * 1e3,
@@ -174,14 +184,16 @@ class Captioner:
             "total_ms": (done - began) * 1e3,
             "batch_size": float(len(images)),
         }
-        return [self._result(h, source, timings) for h, source in zip(hypotheses, sources)]
+        return [self._result(h, source, timings, image_tags)
+                for h, source, image_tags in zip(hypotheses, sources, tags)]
 
-    def _result(self, hypothesis: Hypothesis, source: str, timings: dict[str, float]) -> CaptionResult:
+    def _result(self, hypothesis: Hypothesis, source: str, timings: dict[str, float],
+                tags: list) -> CaptionResult:
         eos = self.manifest.eos_token_id
         ids = [t for t in hypothesis.token_ids if t != eos]
         token_ids = self.tokenizer.to_tokenizer_ids(ids)
         return CaptionResult(self.tokenizer.decode(token_ids), token_ids, hypothesis.score,
-                             source, dict(timings))
+                             source, dict(timings), tags)
 
 
 def _check_graphs(encoder, decoder, manifest: Manifest, model_dir: Path) -> None:
@@ -196,6 +208,8 @@ def _check_graphs(encoder, decoder, manifest: Manifest, model_dir: Path) -> None
     encoder_outputs = {t.name for t in encoder.get_outputs()}
     encoder_inputs = {t.name for t in encoder.get_inputs()}
     expected_outputs = set(manifest.encoder_output_names())
+    if manifest.grounding:
+        expected_outputs |= set(GROUNDING_OUTPUTS)
     if not expected_outputs <= encoder_outputs or PIXEL_VALUES not in encoder_inputs:
         raise ModelError(f"{model_dir}: encoder graph does not match the manifest; re-export the model")
     logits_dim = decoder.get_outputs()[0].shape[-1]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .grounding import PresenceGate, ban_gated_words
 from .manifest import GenerationOptions
 from .step import GraphRunner
 
@@ -67,9 +68,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def greedy_search(runner: GraphRunner, cross: list[np.ndarray], options: GenerationOptions,
-                  start_id: int, eos_id: int) -> list[Hypothesis]:
+                  start_id: int, eos_id: int, gates: list[list[PresenceGate]] | None = None
+                  ) -> list[Hypothesis]:
     """Argmax decoding for a batch of images. Finished rows leave the batch (their tokens no
-    longer matter), so later steps only pay for captions still being written."""
+    longer matter), so later steps only pay for captions still being written. ``gates``: per
+    image, the presence gates whose words it may not write (grounding.py)."""
     batch = cross[0].shape[0]
     state = runner.start(cross)
     sequences = np.full((batch, 1), start_id, dtype=np.int64)
@@ -80,7 +83,10 @@ def greedy_search(runner: GraphRunner, cross: list[np.ndarray], options: Generat
         logits = runner.step(state, sequences[active, -1])
         log_probs = log_softmax(logits)  # before the processors edit logits in place
         seen = sequences[active, 1 - state.prompt_len :]  # what transformers' processors see
-        tokens = process_scores(logits, seen, options, eos_id, state.prompt_len).argmax(axis=-1)
+        process_scores(logits, seen, options, eos_id, state.prompt_len)
+        if gates is not None:
+            ban_gated_words(logits, sequences[active], [gates[i] for i in active])
+        tokens = logits.argmax(axis=-1)
         logprob_sums[active] += log_probs[np.arange(len(active)), tokens]
         column = np.full((batch, 1), eos_id, dtype=np.int64)  # finished rows pad with EOS
         column[active, 0] = tokens
@@ -115,8 +121,10 @@ def _hypothesis(sequence: np.ndarray, logprob_sum: float, eos_id: int,
 
 
 def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: GenerationOptions,
-                start_id: int, eos_id: int) -> list[Hypothesis]:
-    """Beam search with transformers' scoring and stopping rules, for a batch of images."""
+                start_id: int, eos_id: int, gates: list[list[PresenceGate]] | None = None
+                ) -> list[Hypothesis]:
+    """Beam search with transformers' scoring and stopping rules, for a batch of images;
+    ``gates`` as for ``greedy_search`` (every beam of an image gets its gates)."""
     batch, beams = cross[0].shape[0], options.num_beams
     keep = 2 * beams  # candidates per image: enough that `beams` survive even if all EOS
     max_length = 1 + options.max_new_tokens  # sequences include the decoder start token
@@ -136,6 +144,9 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
         seen = running[:, :, 1 - state.prompt_len : cur_len]  # what transformers' processors see
         flat = seen.reshape(batch * beams, seen.shape[2])  # explicit width: it may be zero
         log_probs = process_scores(log_softmax(logits), flat, options, eos_id, state.prompt_len)
+        if gates is not None:
+            ban_gated_words(log_probs, running[:, :, :cur_len].reshape(batch * beams, cur_len),
+                            [g for image_gates in gates for g in [image_gates] * beams])
         vocab = log_probs.shape[-1]
         totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
 

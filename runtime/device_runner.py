@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from .gather_graph import ROWS, gather_rows_model
 from .gpu_providers import CPU, CUDA, TENSORRT, cuda_options
-from .manifest import LOGITS, PIXEL_VALUES, Manifest
+from .manifest import GROUNDING_OUTPUTS, LOGITS, PIXEL_VALUES, Manifest
 from .sessions import build_helper_session
 from .step import GraphRunner
 
@@ -89,6 +89,22 @@ class DeviceGraphRunner(GraphRunner):
             binding.bind_output(name, self.device)
         self.encoder.run_with_iobinding(binding)
         return [DeviceTensor(value) for value in binding.get_outputs()]
+
+    def encode_grounded(self, pixel_values: np.ndarray) -> tuple[list, list[np.ndarray]]:
+        """Cross K/V as device tensors, the (small) grounding outputs on the host."""
+        if self.prefix:
+            return super().encode_grounded(pixel_values)
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input(PIXEL_VALUES, np.ascontiguousarray(pixel_values))
+        for name in self.encoder_names:
+            binding.bind_output(name, self.device)
+        for name in GROUNDING_OUTPUTS:
+            binding.bind_output(name, "cpu")
+        self.encoder.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        layers = len(self.encoder_names)
+        return ([DeviceTensor(v) for v in values[:layers]],
+                [np.array(v.numpy()) for v in values[layers:]])
 
     def _empty_cache(self, rows: int) -> list[DeviceTensor]:
         m = self.manifest

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 # The record's keys (docs/options.md) as one table schema: ok rows leave ``error`` null, error
 # rows leave the caption fields null. Every block and Parquet file has exactly this schema, so
 # files written by different tasks and runs read back as one table.
-RECORD_FIELDS = ("source", "status", "generated_text", "score", "token_ids", "latency_ms", "error")
+RECORD_FIELDS = ("source", "status", "generated_text", "score", "token_ids", "tags", "latency_ms",
+                 "error")
 # Columns a user's Ray Dataset may name its inputs by (read_binary_files gives bytes + path).
 PATH_COLUMNS = ("path", "source", "item")
 
@@ -45,7 +46,9 @@ def record_schema() -> pyarrow.Schema:
     """The Arrow schema of caption records (one column per record key)."""
     import pyarrow as pa
 
-    types = {"score": pa.float64(), "latency_ms": pa.float64(), "token_ids": pa.list_(pa.int64())}
+    tag = pa.struct([("label", pa.string()), ("score", pa.float64())])
+    types = {"score": pa.float64(), "latency_ms": pa.float64(), "token_ids": pa.list_(pa.int64()),
+             "tags": pa.list_(tag)}
     return pa.schema([(name, types.get(name, pa.string())) for name in RECORD_FIELDS])
 
 

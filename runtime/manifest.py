@@ -30,6 +30,12 @@ KV_KINDS = ("key", "value")
 # embeddings that one decoder call per image turns into the prefix's self-attention K/V (the
 # prefill); later steps take those K/V per image, like cross K/V, beside each row's own cache.
 PREFIX_EMBEDS = "prefix_embeds"
+# Grounding (grounding.py): a grounded encoder also emits PRESENCE [B, labels] probabilities
+# and its top ImageNet classes, TAG_IDS [B, k] int64 and TAG_SCORES [B, k] probabilities.
+PRESENCE = "presence"
+TAG_IDS = "tag_ids"
+TAG_SCORES = "tag_scores"
+GROUNDING_OUTPUTS = (PRESENCE, TAG_IDS, TAG_SCORES)
 CROSS_ATTENTION = "cross-attention"
 PREFIX = "prefix"
 CONDITIONINGS = (CROSS_ATTENTION, PREFIX)
@@ -104,6 +110,7 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
     style: str | None = None  # one of Manifest.styles; None: the decoder start token
+    presence_gate: bool = True  # grounded models: ban words of labels scored absent
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,9 @@ class Manifest:
     # Caption styles a decoder trained with style tokens can write: name -> its start token id.
     # Empty: one style, started by decoder_start_token_id.
     styles: dict[str, int] = field(default_factory=dict)
+    # Presence labels, their thresholds, the gated labels and the tag names file (grounding.py);
+    # empty: the encoder emits no grounding outputs.
+    grounding: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME

@@ -61,8 +61,8 @@ def _captions_operation(image: dict, form: dict) -> dict[str, Any]:
         "requestBody": {"content": {"image/*": {"schema": image},
                                     "multipart/form-data": {"schema": form}}},
         "responses": {
-            "200": {"description": "one record (generated_text, score, token_ids, latency_ms, "
-                                   "source, status), or {results: [...]}"},
+            "200": {"description": "one record (generated_text, score, token_ids, tags, "
+                                   "latency_ms, source, status), or {results: [...]}"},
             "400": {"description": "bad request or options"},
             "408": {"description": "body not received within the timeout"},
             "413": {"description": "body too large"},

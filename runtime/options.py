@@ -96,6 +96,18 @@ def _number(text: Any) -> float:
 MAX_BEAMS = 32
 MAX_BATCH = 64
 
+def parse_switch(text: str | bool) -> bool:
+    """A yes/no option: true/false, on/off, yes/no or 1/0."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "on", "yes", "1"):
+        return True
+    if value in ("false", "off", "no", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 GENERATION: tuple[Option, ...] = (
     Option("num_beams", _integer, "beam width; 1 is greedy search",
            {"type": "integer", "minimum": 1, "maximum": MAX_BEAMS},
@@ -117,6 +129,11 @@ GENERATION: tuple[Option, ...] = (
     Option("style", str, "caption style, for models trained on several (e.g. describe: a "
            "plain description, alt-text: a web alt text); names in the model's manifest",
            {"type": "string"}),
+    # Not a transformers option: grounded models (grounding.py) ban a label's words while its
+    # presence score is below the model's threshold; other models ignore it.
+    Option("presence_gate", parse_switch, "grounded models: never name a person (or another "
+           "gated label) the model's presence score says is absent (false: decode ungated)",
+           {"type": "boolean"}, metavar="BOOL"),
 )
 
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")

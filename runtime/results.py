@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import EdgecapError
+from .grounding import Tag
 
 
 @dataclass
@@ -20,7 +21,8 @@ class CaptionResult:
 
     ``token_ids`` are tokenizer (GPT-2) ids without the end token; ``score`` is the beam's
     length-normalised log-probability (beam search) or the mean token log-probability (greedy);
-    ``timings`` are milliseconds for the batch this image was decoded in.
+    ``timings`` are milliseconds for the batch this image was decoded in. ``tags``: a grounded
+    model's presence labels and ImageNet classes with their scores (empty for other models).
     """
 
     text: str
@@ -28,6 +30,7 @@ class CaptionResult:
     score: float
     source: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    tags: list[Tag] = field(default_factory=list)
 
     ok = True
 
@@ -43,8 +46,13 @@ class CaptionResult:
             "generated_text": self.text,
             "score": round(float(self.score), 4),
             "token_ids": list(self.token_ids),
+            "tags": [tag.to_record() for tag in self.tags],
             "latency_ms": round(self.timings.get("total_ms", 0.0), 2),
         }
+
+    def tag_score(self, label: str) -> float | None:
+        """The score of ``label`` among the tags, or None when the result has no such tag."""
+        return next((tag.score for tag in self.tags if tag.label == label), None)
 
 
 @dataclass

@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import (
-    INPUT_IDS, PIXEL_VALUES, PREFIX, PREFIX_EMBEDS, Manifest, decoder_output_names, past_names,
-    prefix_kv_names,
+    GROUNDING_OUTPUTS, INPUT_IDS, PIXEL_VALUES, PREFIX, PREFIX_EMBEDS, Manifest,
+    decoder_output_names, past_names, prefix_kv_names,
 )
 
 
@@ -60,6 +60,13 @@ class GraphRunner:
         """pixel_values [B, 3, H, W] -> cross-attention K/V for every decoder layer, or
         ``[prefix_embeds]`` [B, P, width] for a prefix model (batch first either way)."""
         return self.encoder.run(self.encoder_names, {PIXEL_VALUES: pixel_values})
+
+    def encode_grounded(self, pixel_values: np.ndarray) -> tuple[list, list[np.ndarray]]:
+        """As ``encode``, plus a grounded encoder's presence, tag ids and tag scores (host
+        arrays), from the same run."""
+        outputs = self.encoder.run(self.encoder_names + list(GROUNDING_OUTPUTS),
+                                   {PIXEL_VALUES: pixel_values})
+        return outputs[: len(self.encoder_names)], outputs[len(self.encoder_names) :]
 
     def start(self, cross: list[np.ndarray], repeats: int = 1) -> DecoderState:
         """A state with an empty cache for ``repeats`` hypotheses (beams) per image.

@@ -23,6 +23,7 @@ class CaptionTokenizer:
             raise ModelError(f"{tokenizer_path}: unreadable tokenizer ({exc}); re-export the model") from None
         tokenizer_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.id_map: np.ndarray | None = None
+        self._decoder_ids: dict[int, int] | None = None  # tokenizer id -> decoder id, when asked
         if id_map_path is not None:
             try:
                 self.id_map = np.asarray(json.loads(Path(id_map_path).read_text()), dtype=np.int64)
@@ -45,6 +46,17 @@ class CaptionTokenizer:
         if self.id_map is None:
             return list(decoder_ids)
         return self.id_map[np.asarray(decoder_ids, dtype=np.int64)].tolist()
+
+    def to_decoder_ids(self, text: str) -> list[int] | None:
+        """``text``'s tokens as decoder ids, or None when a token is outside a pruned vocabulary
+        (the decoder cannot write it)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.id_map is None:
+            return ids
+        if self._decoder_ids is None:
+            self._decoder_ids = {int(t): i for i, t in enumerate(self.id_map)}
+        found = [self._decoder_ids.get(t) for t in ids]
+        return None if None in found else found
 
     def decode(self, tokenizer_ids: list[int]) -> str:
         return self.tokenizer.decode(tokenizer_ids, skip_special_tokens=True).strip()

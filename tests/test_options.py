@@ -15,7 +15,7 @@ from edgecap import Captioner, CaptionResult, OptionsError
 from edgecap.cli import build_parser, main
 from edgecap.options import GENERATION, GENERATION_NAMES
 
-RECORD_KEYS = {"source", "status", "generated_text", "score", "token_ids", "latency_ms"}
+RECORD_KEYS = {"source", "status", "generated_text", "score", "token_ids", "tags", "latency_ms"}
 
 
 def subcommand(name: str) -> argparse.ArgumentParser:

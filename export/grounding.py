@@ -1,0 +1,263 @@
+"""Presence heads: is there a person (a dog, a cat, a vehicle, a bicycle) in the picture?
+
+``edgecap train-presence RUN`` fits one linear head per label on the frozen backbone's pooled
+features that ``edgecap train`` cached for RUN, with weak labels from the reference captions (a
+reference that uses one of the label's words, ``edgecap.grounding.PRESENCE_WORDS``, marks the
+image), class-balanced logistic regression, and a threshold per label picked on the dev splits
+for a recall target. It writes ``presence.pt`` and ``presence.json`` into RUN; ``export-trained``
+then adds the heads, the gate and the backbone's ImageNet tags to the encoder graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from edgecap.grounding import PRESENCE_WORDS, names_label
+from torch import nn
+
+from .datasets import load_source
+from .presence_config import DESCRIPTION, TARGET_RECALL, add_presence_arguments
+from .train_config import DEFAULT_CACHE_DIR
+from .train_data import feature_cache_dir
+
+LABELS = tuple(PRESENCE_WORDS)
+GATED = ("person",)  # labels whose words decoding bans below the threshold
+TAG_COUNT = 5  # ImageNet classes each result lists
+IMAGENET_LABELS = Path(__file__).with_name("imagenet_labels.txt")
+
+
+class PresenceHeads(nn.Module):
+    """(B, 1280) pooled backbone features -> (B, labels) logits, one linear head per label."""
+
+    def __init__(self, labels: tuple[str, ...] | list[str], channels: int = 1280,
+                 thresholds: dict[str, float] | None = None, gates: tuple[str, ...] = GATED):
+        super().__init__()
+        self.labels = list(labels)
+        self.linear = nn.Linear(channels, len(self.labels))
+        self.thresholds = dict(thresholds or {label: 0.5 for label in self.labels})
+        self.gates = [g for g in gates if g in self.labels]
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(pooled)
+
+
+def grounding_outputs(encoder: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a grounded encoder graph emits besides cross K/V, from (B, 49, 1280) backbone
+    features: presence probabilities (B, labels), then the top ImageNet class ids and their
+    probabilities (B, TAG_COUNT) each."""
+    pooled = features.float().mean(dim=1)
+    scores, ids = torch.softmax(encoder.backbone._fc(pooled), dim=-1).topk(TAG_COUNT, dim=-1)
+    return torch.sigmoid(encoder.presence(pooled)), ids, scores
+
+
+def imagenet_labels() -> list[str]:
+    """The 1,000 ImageNet class names in the classifier head's order."""
+    names = IMAGENET_LABELS.read_text().splitlines()
+    if len(names) != 1000:
+        raise ValueError(f"{IMAGENET_LABELS}: expected 1000 class names, found {len(names)}")
+    return names
+
+
+def write_grounding(encoder_graph: nn.Module, encoder_file: Path, pixels: torch.Tensor,
+                    out_dir: Path) -> dict:
+    """Check a grounded encoder graph's grounding outputs against torch, write the tag names
+    beside it, and return the manifest's ``grounding`` section."""
+    import onnxruntime as ort
+    from edgecap.manifest import GROUNDING_OUTPUTS, PIXEL_VALUES
+
+    heads = encoder_graph.encode.presence
+    session = ort.InferenceSession(str(encoder_file), providers=["CPUExecutionProvider"])
+    got = session.run(list(GROUNDING_OUTPUTS), {PIXEL_VALUES: pixels.numpy()})
+    with torch.no_grad():
+        want = encoder_graph(pixels)[-len(GROUNDING_OUTPUTS):]
+    presence_diff = float(np.abs(got[0] - want[0].numpy()).max())
+    if presence_diff > 1e-3 or not np.array_equal(got[1], want[1].numpy()):
+        raise ValueError(f"grounding outputs disagree with torch (presence {presence_diff:.2e}, "
+                         f"tag ids {got[1].tolist()} vs {want[1].tolist()})")
+    (out_dir / "tag_labels.json").write_text(json.dumps(imagenet_labels()))
+    return {"presence_labels": list(heads.labels), "thresholds": dict(heads.thresholds),
+            "gates": list(heads.gates), "tag_labels_file": "tag_labels.json",
+            "tag_count": TAG_COUNT, "parity_max_abs_presence_diff": presence_diff}
+
+
+# ---------------------------------------------------------------- data
+
+
+def pooled_split(source, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1280) pooled cached features and (N, labels) 0/1 labels of one split of a folder."""
+    names = [n for n in source.splits.get(split, []) if (cache / f"{n}.npy").exists()]
+    missing = len(source.splits.get(split, [])) - len(names)
+    if missing:
+        print(f"{source.name} {split}: {missing} images without cached features skipped",
+              file=sys.stderr)
+    feats = np.stack([np.load(cache / f"{n}.npy").astype(np.float32).mean(axis=0) for n in names]) \
+        if names else np.zeros((0, 1280), np.float32)
+    labels = np.array([[any(names_label(c.text, label) for c in source.captions[n])
+                        for label in LABELS] for n in names], np.float32).reshape(-1, len(LABELS))
+    return feats, labels
+
+
+def run_sources(run_dir: Path) -> tuple[list, Path, str]:
+    """The data folders, feature cache and backbone an ``edgecap train`` run used."""
+    config = json.loads((run_dir / "train_config.json").read_text())
+    if config.get("tune_encoder_head", True):
+        raise ValueError(f"{run_dir}: presence heads need a run trained with "
+                         "--no-tune-encoder-head (they read the frozen backbone's features)")
+    data = config["data_dir"] if isinstance(config["data_dir"], list) else [config["data_dir"]]
+    cache = Path(config.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
+    return [load_source(Path(d)) for d in data], cache, config["backbone"]
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def fit_heads(feats: np.ndarray, labels: np.ndarray, l2: float = 1e-3,
+              steps: int = 200) -> PresenceHeads:
+    """Class-balanced logistic regression per label (L-BFGS on standardised features); the
+    standardisation is folded into the returned heads' weights."""
+    x = torch.from_numpy(feats)
+    y = torch.from_numpy(labels)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    positives = y.sum(0).clamp_min(1.0)
+    pos_weight = (len(y) - positives) / positives  # each class weighs as much as its opposite
+    heads = PresenceHeads(LABELS, feats.shape[1])
+    nn.init.zeros_(heads.linear.weight)
+    nn.init.zeros_(heads.linear.bias)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    opt = torch.optim.LBFGS(heads.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(heads(z), y) + l2 * heads.linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():  # w.(x - mean)/std + b == (w/std).x + (b - w.(mean/std))
+        weight = heads.linear.weight / std
+        heads.linear.bias -= (heads.linear.weight * (mean / std)).sum(1)
+        heads.linear.weight.copy_(weight)
+    return heads
+
+
+def recall_threshold(scores: np.ndarray, positive: np.ndarray, target: float) -> float:
+    """The highest threshold whose recall (share of positives scored at or above it) is at
+    least ``target``."""
+    pos = np.sort(scores[positive > 0])
+    if pos.size == 0:
+        return 0.5
+    allowed_misses = int(np.floor((1.0 - target) * pos.size))
+    return float(pos[allowed_misses])
+
+
+def split_report(scores: np.ndarray, labels: np.ndarray, thresholds: dict[str, float]) -> dict:
+    """Per label: images, positives, recall and false-positive rate at its threshold, and AUC."""
+    report = {}
+    for i, label in enumerate(LABELS):
+        pos, s = labels[:, i] > 0, scores[:, i]
+        hit = s >= thresholds[label]
+        report[label] = {
+            "images": len(s), "positives": int(pos.sum()),
+            "recall": round(float(hit[pos].mean()), 4) if pos.any() else None,
+            "false_positive_rate": round(float(hit[~pos].mean()), 4) if (~pos).any() else None,
+            "auc": round(auc(s, pos), 4) if pos.any() and (~pos).any() else None,
+        }
+    return report
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (the chance a positive outscores a negative; ties count half)."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts):
+        ranks[order[start : start + count]] = start + (count + 1) / 2
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL) -> dict:
+    """Fit the heads for ``run_dir`` and write presence.pt and presence.json into it.
+
+    Returns:
+        The presence.json record: labels, thresholds, gated labels, and per split and folder
+        the recall, false-positive rate and AUC of each label.
+    """
+    run_dir = Path(run_dir)
+    sources, cache_root, backbone = run_sources(run_dir)
+    parts = {}
+    for source in sources:
+        cache = feature_cache_dir(cache_root, backbone, source.root)
+        for split in ("train", "dev", "test"):
+            parts[(source.name, split)] = pooled_split(source, split, cache)
+    train = [parts[(s.name, "train")] for s in sources]
+    heads = fit_heads(np.concatenate([f for f, _ in train]), np.concatenate([y for _, y in train]))
+
+    def score(feats):
+        with torch.no_grad():
+            return torch.sigmoid(heads(torch.from_numpy(feats))).numpy()
+
+    thresholds = {}
+    for i, label in enumerate(LABELS):
+        # The strictest dev split decides: every folder keeps the recall target.
+        per_folder = [recall_threshold(score(parts[(s.name, "dev")][0])[:, i],
+                                       parts[(s.name, "dev")][1][:, i], target_recall)
+                      for s in sources if len(parts[(s.name, "dev")][0])]
+        thresholds[label] = round(min(per_folder), 4) if per_folder else 0.5
+    record = {
+        "labels": list(LABELS), "thresholds": thresholds, "gates": list(GATED),
+        "target_recall": target_recall, "backbone": backbone,
+        "splits": {f"{name}/{split}": split_report(score(f), y, thresholds)
+                   for (name, split), (f, y) in parts.items() if len(f)},
+    }
+    torch.save(heads.state_dict(), run_dir / "presence.pt")
+    (run_dir / "presence.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def load_presence(model_dir: Path) -> tuple[PresenceHeads, dict] | None:
+    """The heads and record ``train_presence`` wrote into ``model_dir``, or None."""
+    record_file = model_dir / "presence.json"
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    heads = PresenceHeads(record["labels"], thresholds=record["thresholds"],
+                          gates=tuple(record.get("gates", GATED)))
+    heads.load_state_dict(torch.load(model_dir / "presence.pt", map_location="cpu",
+                                     weights_only=True))
+    return heads.eval(), record
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit, write, and print the thresholds and each test split's person numbers (one line)."""
+    if not 0.0 < args.target_recall <= 1.0:
+        print(f"edgecap: --target-recall must be in (0, 1], got {args.target_recall}",
+              file=sys.stderr)
+        return 2
+    try:
+        record = train_presence(args.run, args.target_recall)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"edgecap: train-presence failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"thresholds": record["thresholds"],
+                      "test": {k: v["person"] for k, v in record["splits"].items()
+                               if k.endswith("/test")}}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgecap train-presence", description=DESCRIPTION)
+    add_presence_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
