@@ -81,6 +81,22 @@ def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],
     return scores
 
 
+def person_mentions(hypotheses: dict[str, str], references: dict[str, list[str]]
+                    ) -> dict[str, float]:
+    """How often captions name a person where the references do not (false alarms: the share
+    of person-free images whose caption names one) and where they do (recall). An image is a
+    person image when any of its references names one (``edgecap.grounding.PRESENCE_WORDS``)."""
+    from edgecap.grounding import names_label
+
+    truth = {name: any(names_label(r, "person") for r in refs) for name, refs in references.items()
+             if name in hypotheses}
+    named = {name: names_label(hypotheses[name], "person") for name in truth}
+    empty = [named[n] for n, has in truth.items() if not has]
+    people = [named[n] for n, has in truth.items() if has]
+    return {"person_false_alarm": sum(empty) / len(empty) if empty else float("nan"),
+            "person_recall": sum(people) / len(people) if people else float("nan")}
+
+
 def caption_all(captioner: Captioner, images: list[Path], batch_size: int, **options) -> list:
     """Captions in input order through the runtime's one batching path, with a progress bar.
 
@@ -133,6 +149,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     hypotheses = {img.name: r.text for img, r in zip(images, results)}
     scores = score_captions(hypotheses, references, meteor=not args.no_meteor)
+    scores.update(person_mentions(hypotheses, {img.name: references[img.name] for img in images}))
     if args.invariance:
         # Identical alone vs in batches of 8: a caption must not depend on its batch.
         alone = results if args.batch_size == 1 else None

@@ -212,8 +212,16 @@ def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL) ->
                                        parts[(s.name, "dev")][1][:, i], target_recall)
                       for s in sources if len(parts[(s.name, "dev")][0])]
         thresholds[label] = round(min(per_folder), 4) if per_folder else 0.5
+    # Fold each operating point into its head's bias: a score of 0.5 then means "present" for
+    # every label, so alert rules, searches and the gate share one meaning of the number.
+    with torch.no_grad():
+        for i, label in enumerate(LABELS):
+            t = min(max(thresholds[label], 1e-4), 1 - 1e-4)
+            heads.linear.bias[i] -= float(np.log(t / (1 - t)))
+    operating_points, thresholds = thresholds, {label: 0.5 for label in LABELS}
     record = {
-        "labels": list(LABELS), "thresholds": thresholds, "gates": list(GATED),
+        "labels": list(LABELS), "thresholds": thresholds, "operating_points": operating_points,
+        "gates": list(GATED),
         "target_recall": target_recall, "backbone": backbone,
         "splits": {f"{name}/{split}": split_report(score(f), y, thresholds)
                    for (name, split), (f, y) in parts.items() if len(f)},

@@ -85,8 +85,11 @@ class AlertRule:
 
     Args:
         name: named in every alert (``rule``); default: the query or regex.
-        match: an FTS5 query (the archive's search syntax). Exactly one of match and regex.
+        match: an FTS5 query (the archive's search syntax). At most one of match and regex.
         regex: a regular expression searched in the caption, case-insensitively.
+        min_score: ``(label, score)`` pairs: the record's tag ``label`` (a grounded model's
+            presence score, e.g. person) must be at least ``score``; a record without the tag
+            never matches. A rule needs words (match or regex), scores, or both.
         cameras: only these cameras (default: all).
         between: a local time window ``(start, end)``; it wraps midnight when end < start.
         cooldown_s: matches closer than this (by the records' wall time) are one event.
@@ -103,14 +106,20 @@ class AlertRule:
     between: tuple[dt.time, dt.time] | None = None
     cooldown_s: float = DEFAULT_COOLDOWN_S
     targets: tuple[Target, ...] = ()
+    min_score: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if (self.match is None) == (self.regex is None):
-            raise AlertError("an alert rule needs exactly one of match and regex")
+        if self.match is not None and self.regex is not None:
+            raise AlertError("an alert rule takes one of match and regex, not both")
+        if self.match is None and self.regex is None and not self.min_score:
+            raise AlertError("an alert rule needs match, regex or min_score")
+        for label, low in self.min_score:
+            if not 0.0 <= low <= 1.0:
+                raise AlertError(f"min_score.{label} must be between 0 and 1 (got {low})")
         try:
             if self.match is not None:
                 check_fts_query(self.match)
-            else:
+            elif self.regex is not None:
                 re.compile(self.regex)
         except (ValueError, re.error) as exc:
             raise AlertError(f"alert {self.match or self.regex!r}: {exc}") from None
@@ -121,7 +130,18 @@ class AlertRule:
         if not self.targets:
             raise AlertError("an alert rule needs a target: command, mqtt or webhook")
         if not self.name:
-            object.__setattr__(self, "name", self.match or self.regex)
+            scores = " ".join(f"{label}>={low:g}" for label, low in self.min_score)
+            object.__setattr__(self, "name", self.match or self.regex or scores)
+
+    def scores_met(self, record: Mapping[str, Any]) -> bool:
+        """Whether every ``min_score`` label is among the record's tags with a high enough score."""
+        if not self.min_score:
+            return True
+        tags = record.get("tags")
+        found = {t.get("label"): t.get("score") for t in tags if isinstance(t, dict)} \
+            if isinstance(tags, list) else {}
+        return all(isinstance(found.get(label), (int, float)) and found[label] >= low
+                   for label, low in self.min_score)
 
     def watches(self, camera: str) -> bool:
         """Whether captions of ``camera`` are checked by this rule."""
@@ -151,8 +171,9 @@ class CaptionMatcher:
 
     def matches(self, caption: str) -> list[bool]:
         """One flag per rule, in order: does the caption match its query or regex?"""
-        flags = [bool(self._regex[i].search(caption)) if i in self._regex else False
-                 for i in range(len(self._rules))]
+        # A rule without words (only min_score) matches every caption here.
+        flags = [bool(self._regex[i].search(caption)) if i in self._regex else r.match is None
+                 for i, r in enumerate(self._rules)]
         queries = [(i, r.match) for i, r in enumerate(self._rules) if r.match is not None]
         if not queries:
             return flags
@@ -250,19 +271,21 @@ class Alerts:
         if self._state is not None:
             topic = f"{self._state_prefix}/{camera or 'default'}/state"
             self._state.put_state(camera, topic, json.dumps(alert_payload(record)).encode())
-        fired = self._fired(camera, caption, _record_time(record))
+        fired = self._fired(camera, caption, record)
         for rule in fired:
             body = json.dumps(alert_payload(record, rule.name)).encode()
             for target in rule.targets:
                 self._sink(target).put(Delivery(target, camera, body))
         return [rule.name for rule in fired]
 
-    def _fired(self, camera: str, caption: str, when: dt.datetime) -> list[AlertRule]:
+    def _fired(self, camera: str, caption: str, record: Mapping[str, Any]) -> list[AlertRule]:
         flags = self._matcher.matches(caption)
+        when = _record_time(record)
         local, ts, fired = when.astimezone().time(), when.timestamp(), []
         with self._lock:  # offer() may be called from one thread per camera
             for index, (rule, hit) in enumerate(zip(self.rules, flags)):
-                if not (hit and rule.watches(camera) and rule.in_window(local)):
+                if not (hit and rule.scores_met(record) and rule.watches(camera)
+                        and rule.in_window(local)):
                     continue
                 last = self._last_match.get((index, camera))
                 self._last_match[(index, camera)] = ts  # every match extends the event

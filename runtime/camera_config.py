@@ -29,7 +29,7 @@ TOP_KEYS = ("archive", "snapshots", "keep_days", "max_disk_mb", "mqtt", "camera"
 # The names (argparse dests) of `edgecap watch`'s per-camera flags, and their checks.
 WATCH_OPTIONS = ("fps", "scene_threshold", "heartbeat", "changes_only", "realtime", "timeout_s")
 CAMERA_KEYS = ("name", "source", *WATCH_OPTIONS, *(o.name for o in GENERATION))
-ALERT_KEYS = ("name", "match", "regex", "cameras", "between", "cooldown_s", "command",
+ALERT_KEYS = ("name", "match", "regex", "min_score", "cameras", "between", "cooldown_s", "command",
               "command_timeout_s", "mqtt", "webhook")
 BROKER_KEYS = ("host", "port", "username", "password_env", "password_file", "client_id",
                "keepalive_s", "tls", "ca_file", "reconnect_max_s")
@@ -336,10 +336,16 @@ def _alert(table: _Table, cameras: tuple[str, ...], broker: MqttBroker | None,
            mqtt_defaults: _Table | None) -> AlertRule:
     table.only(ALERT_KEYS)
     match, regex = table.text("match"), table.text("regex")
-    if (match is None) == (regex is None):
-        raise table.error("match" if match else None, "set exactly one of match and regex")
+    min_score = _min_score(table)
+    if match is not None and regex is not None:
+        raise table.error("match", "set one of match and regex, not both")
+    if match is None and regex is None and not min_score:
+        raise table.error(None, "set match, regex or min_score")
     try:
-        check_fts_query(match) if match is not None else re.compile(regex)
+        if match is not None:
+            check_fts_query(match)
+        elif regex is not None:
+            re.compile(regex)
     except (ValueError, re.error) as exc:
         raise table.error("match" if match is not None else "regex", str(exc)) from None
     targets = _targets(table, broker, mqtt_defaults)
@@ -348,9 +354,20 @@ def _alert(table: _Table, cameras: tuple[str, ...], broker: MqttBroker | None,
         return AlertRule(name=table.text("name") or "", match=match, regex=regex,
                          cameras=_alert_cameras(table, cameras), between=_between(table),
                          cooldown_s=DEFAULT_COOLDOWN_S if cooldown is None else cooldown,
-                         targets=targets)
+                         targets=targets, min_score=min_score)
     except AlertError as exc:
         raise table.error(None, str(exc)) from None
+
+
+def _min_score(table: _Table) -> tuple[tuple[str, float], ...]:
+    """``min_score = { person = 0.8 }``: presence labels and the least score each needs."""
+    scores = table.table("min_score")
+    if scores is None:
+        return ()
+    if not scores.data:
+        raise table.error("min_score", "empty: name at least one label, e.g. { person = 0.8 }")
+    return tuple((label, scores.number(label, 0.0, 1.0, low_open=False))
+                 for label in scores.data)
 
 
 def _alert_cameras(table: _Table, cameras: tuple[str, ...]) -> tuple[str, ...] | None:

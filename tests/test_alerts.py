@@ -168,7 +168,7 @@ def test_webhook_gets_payload_and_a_failing_one_is_retried():
     assert hook.attempts == 2 and auth == "Bearer t0k"
     assert body == {"camera": "door", "generated_text": "a tabby cat looks at the camera",
                     "stream_time": 15.5, "wall_time": body["wall_time"], "frame_index": 3,
-                    "score": -0.42, "snapshot": "/snaps/3.jpg", "rule": "cat"}
+                    "score": -0.42, "tags": None, "snapshot": "/snaps/3.jpg", "rule": "cat"}
     assert alerts.stats()["door"]["webhook"]["sent"] == 1
 
 

@@ -158,3 +158,47 @@ def test_ungrounded_models_write_empty_tags(tiny_export, photos):
     captioner = Captioner(tiny_export)
     assert captioner.grounding is None
     assert captioner.caption(photos[0]).to_record()["tags"] == []
+
+
+def test_person_rules_do_not_fire_on_the_scene_the_head_calls_empty(gated_export, tmp_path):
+    from edgecap import Captioner
+    from edgecap.alert_targets import CommandTarget
+    from edgecap.alerts import AlertRule, Alerts
+    from edgecap.camera_config import load_config
+
+    out, yes, no = gated_export
+    captioner = Captioner(out)
+    config = tmp_path / "cameras.toml"
+    config.write_text('[[camera]]\nname = "door"\nsource = "door.mp4"\n\n'
+                      '[[alert]]\nname = "words"\nmatch = "person OR man OR woman"\n'
+                      'command = ["true"]\n\n'
+                      '[[alert]]\nname = "sure person"\nmin_score = { person = 0.8 }\n'
+                      'command = ["true"]\n')
+    rules = load_config(config).alerts
+    assert rules[1].min_score == (("person", 0.8),)
+    with Alerts(rules) as alerts:
+        for when, photo, expected in (("2026-12-06T10:00:00Z", no, []),
+                                      ("2026-12-06T11:00:00Z", yes, ["words", "sure person"])):
+            record = {**captioner.caption(photo).to_record(), "camera": "door",
+                      "wall_time": when}
+            assert alerts.offer(record) == expected, record["generated_text"]
+    # A record without tags (an ungrounded model) never meets a min_score rule.
+    rule = AlertRule(min_score=(("person", 0.5),), targets=(CommandTarget(("true",)),))
+    assert not rule.scores_met({"generated_text": "a man", "tags": []})
+    assert rule.name == "person>=0.5"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("min_score = { person = 1.5 }", "min_score.person: must be >= 0 and <= 1"),
+    ("min_score = {}", "empty"),
+    ("min_score = { person = \"high\" }", "expected a number"),
+    ("", "set match, regex or min_score"),
+])
+def test_min_score_config_errors_name_the_key(tmp_path, text, problem):
+    from edgecap.camera_config import ConfigError, load_config
+
+    config = tmp_path / "cameras.toml"
+    config.write_text(f'[[camera]]\nname = "door"\nsource = "door.mp4"\n\n[[alert]]\n{text}\n'
+                      'command = ["true"]\n')
+    with pytest.raises(ConfigError, match=problem):
+        load_config(config)
