@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import EdgecapError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: captions_tags (a version-1 archive gains it when opened to write)
 PROTECTED_S = 3600.0  # the newest hour is never pruned: it is what users ask about first
 PRUNE_BATCH = 200  # rows per delete transaction: each write lock stays short for the cameras
 DEFAULT_GAP_S = 60.0  # hits of one camera closer than this in wall time form one event
@@ -79,6 +79,18 @@ END;
 CREATE TRIGGER IF NOT EXISTS captions_ad AFTER DELETE ON captions BEGIN
     INSERT INTO captions_fts (captions_fts, rowid, caption) VALUES ('delete', old.id, old.caption);
     UPDATE totals SET snapshot_bytes = snapshot_bytes - old.snapshot_bytes;
+END;
+-- A grounded model's tags per caption (presence labels and ImageNet classes with their
+-- scores), for `tag:person` searches; they go when their caption is pruned.
+CREATE TABLE IF NOT EXISTS captions_tags (
+    caption_id INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (caption_id, label)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS captions_tags_by_label ON captions_tags (label, caption_id, score);
+CREATE TRIGGER IF NOT EXISTS captions_tags_ad AFTER DELETE ON captions BEGIN
+    DELETE FROM captions_tags WHERE caption_id = old.id;
 END;
 -- Rows are written once: an update would break the watermark order and the FTS sync.
 CREATE TRIGGER IF NOT EXISTS captions_au BEFORE UPDATE ON captions BEGIN
@@ -198,6 +210,47 @@ def _record_row(record: Mapping[str, Any]) -> tuple:
         raise ArchiveError(f"caption record: missing {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise ArchiveError(f"caption record: bad value ({exc})") from None
+
+
+def _record_tags(record: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """``(label, score)`` of a record's ``tags`` (a grounded model's); none when it has none."""
+    tags = record.get("tags") or []
+    try:
+        return [(str(tag["label"]).lower(), float(tag["score"])) for tag in tags]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArchiveError(f"caption record: bad tags ({exc!r}); expected "
+                           '[{"label": ..., "score": ...}]') from None
+
+
+# tag:person, tag:person>=0.8, tag:"space shuttle", tag:"space shuttle">=0.3
+TAG_TERM = re.compile(r'(?<!\S)tag:(?:"([^"]+)"|([^\s">=]+))(?:>=(\S+))?(?!\S)', re.IGNORECASE)
+PRESENT = 0.5  # a grounded model's presence heads put their operating point here
+
+
+def split_tag_terms(query: str) -> tuple[str, list[tuple[str, float]]]:
+    """A search query's FTS5 words and its tag terms ``(label, least score)``.
+
+    Raises:
+        ArchiveError: a tag term's score is not a number between 0 and 1.
+    """
+    tags = []
+    for match in TAG_TERM.finditer(query):
+        label, low = (match.group(1) or match.group(2)).strip().lower(), match.group(3)
+        try:
+            score = PRESENT if low is None else float(low)
+        except ValueError:
+            score = -1.0
+        if not 0.0 <= score <= 1.0:
+            raise ArchiveError(f"search query {query!r}: tag:{label} needs a score between 0 "
+                               f"and 1 after >= (got {low!r})")
+        tags.append((label, score))
+    words = " ".join(TAG_TERM.sub(" ", query).split())
+    if re.search(r"(?<!\S)tag:", words, re.IGNORECASE):
+        raise ArchiveError(f"search query {query!r}: write a tag term as tag:LABEL, "
+                           'tag:LABEL>=SCORE or tag:"two words"')
+    if tags and words.upper() in ("AND", "OR", "NOT"):
+        raise ArchiveError(f"search query {query!r}: tag terms combine with words by AND only")
+    return words, tags
 
 
 def _snapshot_file(path: Any) -> tuple[str | None, int]:
@@ -344,9 +397,15 @@ class Archive:
 
     def add_many(self, records: Iterable[Mapping[str, Any]]) -> list[int]:
         """Archive several records in one transaction (all or none). Returns their ids."""
-        rows = [_record_row(record) for record in records]  # validate all before writing
+        # Validate all before writing.
+        rows = [(_record_row(record), _record_tags(record)) for record in records]
+        ids = []
         with self._write() as conn:
-            return [conn.execute(INSERT_SQL, row).lastrowid for row in rows]
+            for row, tags in rows:
+                ids.append(conn.execute(INSERT_SQL, row).lastrowid)
+                conn.executemany("INSERT OR REPLACE INTO captions_tags VALUES (?, ?, ?)",
+                                 [(ids[-1], label, score) for label, score in tags])
+        return ids
 
     def search(self, query: str, *, camera: str | None = None, since: TimeLike | None = None,
                until: TimeLike | None = None, limit: int = 50,
@@ -360,7 +419,10 @@ class Archive:
 
         Args:
             query: FTS5 syntax: ``person door`` (both words), ``"red car"`` (phrase),
-                ``dog OR cat``, ``person NOT dog``, ``walk*`` (prefix).
+                ``dog OR cat``, ``person NOT dog``, ``walk*`` (prefix); and tag terms, each
+                a condition on the caption's tags: ``tag:person`` (score at least 0.5, a
+                grounded model's "present"), ``tag:person>=0.8``, ``tag:"space shuttle"``.
+                A query of tag terms alone lists the newest captions that meet them.
             camera: only this camera's captions.
             since: only captions at or after this wall-clock time (datetime, epoch or ISO).
             until: only captions before this wall-clock time.
@@ -375,22 +437,36 @@ class Archive:
         if limit < 1 or (max_candidates is not None and max_candidates < 1):
             raise ArchiveError(f"search limit must be >= 1 (got {limit}, {max_candidates})")
         since_ts, until_ts = (None if t is None else _time_ts(t) for t in (since, until))
-        where, params = ["captions_fts MATCH ?", "captions_fts.rowid BETWEEN ? AND ?"], [query]
+        words, tags = split_tag_terms(query)
+        if words:
+            where, params = ["captions_fts MATCH ?", "captions_fts.rowid BETWEEN ? AND ?"], [words]
+        else:
+            where, params = ["c.id BETWEEN ? AND ?"], []
         for clause, value in (("c.camera = ?", camera), ("c.wall_ts >= ?", since_ts),
                               ("c.wall_ts < ?", until_ts)):
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        # Inner query: newest matches first, straight from the FTS index (CROSS JOIN keeps the
-        # FTS table outermost); outer query: rank those candidates.
-        sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, captions_fts.rank AS rank, c.wall_ts AS ts "
-               "FROM captions_fts CROSS JOIN captions AS c ON c.id = captions_fts.rowid "
-               f"WHERE {' AND '.join(where)} ORDER BY captions_fts.rowid DESC LIMIT ?) "
-               "ORDER BY rank, ts DESC, id DESC LIMIT ?")
+        for label, low in tags:
+            where.append("EXISTS (SELECT 1 FROM captions_tags AS t WHERE t.label = ? "
+                         "AND t.caption_id = c.id AND t.score >= ?)")
+            params += [label, low]
+        if words:
+            # Inner query: newest matches first, straight from the FTS index (CROSS JOIN keeps
+            # the FTS table outermost); outer query: rank those candidates.
+            sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, captions_fts.rank AS rank, "
+                   "c.wall_ts AS ts FROM captions_fts CROSS JOIN captions AS c "
+                   f"ON c.id = captions_fts.rowid WHERE {' AND '.join(where)} "
+                   "ORDER BY captions_fts.rowid DESC LIMIT ?) ORDER BY rank, ts DESC, id DESC LIMIT ?")
+        else:  # tags alone: nothing to rank, newest first
+            sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, 0.0 AS rank, c.wall_ts AS ts "
+                   f"FROM captions AS c WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?) "
+                   "LIMIT ?")
         with self._lock:
             try:
                 low, high = self._id_range(since_ts, until_ts)
-                params[1:1] = [low, high]
+                at = 1 if words else 0  # the id range follows the FTS query, if any
+                params[at:at] = [low, high]
                 rows = self._conn.execute(sql, [*params, max_candidates or -1, limit]).fetchall()
             except sqlite3.OperationalError as exc:
                 raise ArchiveError(_query_error(query, exc)) from None

@@ -32,7 +32,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    search.add_argument("query", help="FTS5 query, e.g. 'person door' or '\"red car\" OR truck'")
+    search.add_argument("query", help="FTS5 query, e.g. 'person door' or '\"red car\" OR truck'; "
+                        "tag:person (or tag:person>=0.8) keeps captions a grounded model "
+                        "scored present")
     search.add_argument("--db", required=True, help="the archive file (SQLite)")
     search.add_argument("--camera", help="only this camera")
     search.add_argument("--since", type=_time_arg, help="only captions at or after this time")

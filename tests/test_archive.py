@@ -381,3 +381,55 @@ def test_search_help_explains_query_syntax(capsys):
     assert info.value.code == 0
     for words in ('"red car"', "dog OR cat", "person NOT dog", "walk*", "--since", "--frames"):
         assert words in out
+
+
+def tagged(person: float, extra: str | None = None) -> list[dict]:
+    tags = [{"label": "person", "score": person}, {"label": "dog", "score": 0.1}]
+    return tags + ([{"label": extra, "score": 0.7}] if extra else [])
+
+
+def test_tag_terms_search_presence_scores(tmp_path, capsys):
+    path = tmp_path / "events.db"
+    with Archive.open(path) as archive:
+        archive.add_many([
+            record("a man at the old gate", 300, tags=tagged(0.95)),
+            record("an empty kitchen with a stove", 50, tags=tagged(0.04, "Dutch oven")),
+            record("a man standing at the door", 40, tags=tagged(0.97)),
+            record("a man in a living room", 30, tags=tagged(0.3)),  # the head says no
+            record("a person at the door", 20),  # an ungrounded model: no tags at all
+        ])
+        assert captions(archive.search("tag:person")) == ["a man standing at the door",
+                                                          "a man at the old gate"]
+        assert captions(archive.search("living tag:person>=0.2")) == ["a man in a living room"]
+        assert captions(archive.search("living tag:person")) == []
+        with pytest.raises(ArchiveError, match="tag:LABEL>=SCORE"):
+            archive.search('tag:"dutch oven" tag:person<=1')
+        assert captions(archive.search('tag:"Dutch oven"')) == ["an empty kitchen with a stove"]
+        assert captions(archive.search("door")) == ["a person at the door",
+                                                     "a man standing at the door"]
+        with pytest.raises(ArchiveError, match="between 0 and 1"):
+            archive.search("tag:person>=high")
+        with pytest.raises(ArchiveError, match="bad tags"):
+            archive.add(record("x", 1, tags=[{"label": "person"}]))
+        # Pruned captions take their tags with them.
+        archive.prune(keep_days=2 / 24, now=NOW)
+        assert captions(archive.search("tag:person")) == ["a man standing at the door"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM captions_tags WHERE caption_id = 1"
+                            ).fetchone()[0] == 0
+    assert main(["search", "tag:person>=0.9", "--db", str(path), "--json", "--frames"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["caption"] for line in lines] == ["a man standing at the door"]
+
+
+def test_version_1_archive_gains_tags_when_opened_to_write(tmp_path):
+    path = tmp_path / "old.db"
+    with Archive.open(path) as archive:
+        archive.add(record("a man at the door", 5))
+    with sqlite3.connect(path) as conn:  # what an archive written before tags looked like
+        conn.executescript("DROP TABLE captions_tags; DROP TRIGGER captions_tags_ad; "
+                           "PRAGMA user_version = 1;")
+    with Archive.open(path) as archive:
+        archive.add(record("a man at the gate", 1, tags=tagged(0.9)))
+        assert captions(archive.search("tag:person")) == ["a man at the gate"]
+        assert captions(archive.search("man")) == ["a man at the gate", "a man at the door"]
