@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from edgecap.grounding import names_label
+
 from .captioner_model import load_trained
 from .datasets import load_source
 from .scst_config import ScstConfig
@@ -100,7 +102,8 @@ def scst_step(config: ScstConfig, encoder, decoder, opt, data: SplitData, images
     texts = [metric_form(tokenizer.decode([id_map[t] for t in s if t != EOS_ID]))
              + (f" {END_WORD}" if s and s[-1] == EOS_ID else "") for s in sampled]
     owners = [i for i in images for _ in range(k)]
-    rewards = torch.tensor([cider.score(t, i) for t, i in zip(texts, owners)])
+    rewards = torch.tensor([cider.score(t, i) - config.person_penalty * invented_person(t, data.refs[i])
+                            for t, i in zip(texts, owners)])
     advantage = leave_one_out_advantage(rewards, k)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         log_probs, counts = sequence_log_probs(
@@ -111,6 +114,12 @@ def scst_step(config: ScstConfig, encoder, decoder, opt, data: SplitData, images
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     return {"reward": rewards.mean().item(), "loss": loss.item()}
+
+
+def invented_person(caption: str, references: list[str]) -> bool:
+    """True when ``caption`` names a person and none of ``references`` does (CHAIR's kind of
+    hallucination, for the person label the presence gate guards)."""
+    return names_label(caption, "person") and not any(names_label(r, "person") for r in references)
 
 
 def trainable(encoder, decoder) -> list:

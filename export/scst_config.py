@@ -28,6 +28,8 @@ class ScstConfig:
     log_every: int = 10
     bf16: bool = False  # bf16 autocast for sampling and the loss (fp32 master weights)
     first_folder_only: bool = False  # sample only the first --data folder's training images
+    # CHAIR-style: taken off the reward of a sample that names a person no reference names
+    person_penalty: float = 0.0
     threads: int = 2
     seed: int = 0
 
@@ -58,6 +60,9 @@ def add_scst_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-folder-only", action="store_true",
                         help="train on the images of the run's first --data folder only (the "
                         "one whose dev split picks the best model)")
+    parser.add_argument("--person-penalty", type=float, default=defaults.person_penalty,
+                        help="subtract this from the reward of a sampled caption that names a "
+                        "person when none of the image's references does (0: off)")
     parser.add_argument("--threads", type=at_least(1), default=defaults.threads,
                         help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -69,5 +74,5 @@ def scst_config_from_args(args: argparse.Namespace) -> ScstConfig:
         time_budget_min=args.time_budget_min, lr=args.lr, samples=args.samples,
         images_per_step=args.images_per_step, max_new_tokens=args.max_new_tokens,
         eval_every=args.eval_every, log_every=args.log_every, bf16=args.bf16,
-        first_folder_only=args.first_folder_only,
+        first_folder_only=args.first_folder_only, person_penalty=args.person_penalty,
         threads=args.threads, seed=args.seed)

@@ -112,3 +112,12 @@ def test_scst_refuses_a_folder_not_written_by_train(tmp_path):
 
     with pytest.raises(ValueError, match="train_config.json"):
         scst_train(ScstConfig(tmp_path, tmp_path / "out"))
+
+
+def test_invented_person_is_a_person_word_no_reference_supports():
+    from edgecap.export.scst import invented_person
+
+    empty_room = ["a kitchen with a stove", "an empty kitchen"]
+    assert invented_person("a man is cooking in a kitchen", empty_room)
+    assert not invented_person("a kitchen with a white stove", empty_room)
+    assert not invented_person("a man is cooking", ["a woman cooks dinner", "a kitchen"])
