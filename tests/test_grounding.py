@@ -202,3 +202,30 @@ def test_min_score_config_errors_name_the_key(tmp_path, text, problem):
                       'command = ["true"]\n')
     with pytest.raises(ConfigError, match=problem):
         load_config(config)
+
+
+def test_front_ends_write_the_same_tags_and_honour_the_gate_option(gated_export, capsys):
+    """The CLI's JSON and the HTTP service carry the Python API's tags and gated captions."""
+    pytest.importorskip("uvicorn")
+    from test_server import Server, request
+
+    from edgecap import Captioner
+    from edgecap.cli import main
+
+    out, yes, no = gated_export
+    api = Captioner(out)
+    gated, ungated = api.caption(no).to_record(), api.caption(no, presence_gate=False).to_record()
+    assert main(["caption", str(no), "--model", str(out), "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["tags"] == gated["tags"] and cli["generated_text"] == gated["generated_text"]
+    server = Server(out)
+    try:
+        status, body, _ = request(server.url + "/v1/captions", no.read_bytes())
+        assert status == 200, body
+        assert body["tags"] == gated["tags"] and body["generated_text"] == gated["generated_text"]
+        status, body, _ = request(server.url + "/v1/captions?presence_gate=false", no.read_bytes())
+        assert status == 200 and body["generated_text"] == ungated["generated_text"]
+        status, body, _ = request(server.url + "/v1/captions?presence_gate=maybe", no.read_bytes())
+        assert status == 400 and "presence_gate" in json.dumps(body)
+    finally:
+        assert server.stop() == 0
