@@ -174,6 +174,15 @@ def _add_serve_limit_arguments(serve) -> None:
                         help="close an idle keep-alive connection after this (default 5)")
     limits.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
                         help="open connections before new ones get 503 (default 128)")
+    # Decode memory (edgecap.decode_guard): a small PNG can decode to tens of megapixels.
+    limits.add_argument("--max-image-mp", type=positive_float, default=50.0, metavar="MP",
+                        help="megapixels one image may have, 422 beyond (default %(default)s)")
+    limits.add_argument("--max-request-mp", type=positive_float, default=100.0, metavar="MP",
+                        help="megapixels of one request's images together, 413 beyond "
+                        "(default %(default)s)")
+    limits.add_argument("--decode-mp", type=positive_float, default=64.0, metavar="MP",
+                        help="megapixels decoded at once across requests; others wait their "
+                        "turn (default %(default)s)")
 
 
 DEFAULT_RATE_LIMIT = 20.0  # requests/s per client on a non-loopback --host
@@ -292,7 +301,14 @@ def _serve_settings(args: argparse.Namespace):
                     tls_key=args.tls_key, max_connections=args.max_connections,
                     metrics_auth=args.metrics_auth, cors_origins=tuple(args.cors_origin or ()),
                     rate_limit=rate, rate_burst=args.rate_burst,
-                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s)
+                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s,
+                    max_image_pixels=_pixels(args.max_image_mp),
+                    max_request_pixels=_pixels(args.max_request_mp),
+                    decode_pixels=_pixels(args.decode_mp))
+
+
+def _pixels(megapixels: float) -> int:
+    return int(megapixels * 1e6)
 
 
 def _warn_insecure(args: argparse.Namespace, api_keys: tuple[str, ...]) -> None:

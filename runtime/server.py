@@ -40,7 +40,7 @@ from .captioner import Captioner
 from .errors import ImageError, OptionsError
 from .openapi import openapi_document
 from .options import generation_from_fields
-from .preprocess import decode_image
+from .decode_guard import BudgetExceeded, DecodeGate, check_request_pixels, decode_for_model
 from .serve_security import Guard, Policy, SecurityConfigError, page_csp
 
 DEMO_PAGE = (Path(__file__).parent / "demo.html")
@@ -75,6 +75,10 @@ class Settings:
     rate_burst: int = 1  # requests an idle client may send at once
     header_timeout_s: float = 10.0  # request headers must arrive within it (slowloris)
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after it
+    # Decode memory (decode_guard): pixels per image, per request, and decoding at once.
+    max_image_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000
+    decode_pixels: int = 64_000_000
 
 
 class Metrics:
@@ -146,6 +150,7 @@ class CaptionService:
         self.archive = None  # ArchiveRoutes with --archive
         self.demo_page = DEMO_PAGE.read_text()
         self.demo_csp = page_csp(self.demo_page)  # only the page's own inline script and style
+        self.decode_gate = DecodeGate(settings.decode_pixels)
 
     def reject(self, status: int, kind: str, message: str, headers=None) -> Rejected:
         return Rejected(error(status, kind, message, self.metrics, headers))
@@ -181,7 +186,7 @@ class CaptionService:
                     **{**self.settings.generation, **generation_from_fields(params)})
             except OptionsError as exc:
                 raise self.reject(400, "bad_options", str(exc)) from None
-            images = [await self._decode(name, data) for name, data in uploads]
+            images = await self._decode(uploads)
             results = await self._caption(images, options, [name for name, _ in uploads])
         except Rejected as rejected:
             return rejected.response
@@ -220,11 +225,25 @@ class CaptionService:
             raise self.reject(400, "bad_request", f"at most {self.settings.max_images} images per request")
         return params, uploads
 
-    async def _decode(self, name: str, data: bytes):
+    async def _decode(self, uploads: list[tuple[str, bytes]]) -> list:
+        """Decode one image at a time within the request's and the server's pixel budgets."""
+        settings, images = self.settings, []
         try:
-            return await run_in_threadpool(decode_image, data, name)
-        except ImageError as exc:
-            raise self.reject(422 if data else 400, "bad_image", f"{name}: {exc.reason}") from None
+            pixels = check_request_pixels(uploads, settings.max_request_pixels)
+        except BudgetExceeded as exc:
+            raise self.reject(413, "too_many_pixels", str(exc)) from None
+        preprocessing = self.captioner.manifest.preprocessing
+        for (name, data), count in zip(uploads, pixels):
+            try:
+                async with self.decode_gate.admit(count, settings.timeout_s):
+                    images.append(await run_in_threadpool(
+                        decode_for_model, data, name, settings.max_image_pixels, preprocessing))
+            except asyncio.TimeoutError:
+                raise self.reject(503, "decode_busy", "too many pixels being decoded; retry",
+                                  {"Retry-After": "1"}) from None
+            except ImageError as exc:
+                raise self.reject(422 if data else 400, "bad_image", f"{name}: {exc.reason}") from None
+        return images
 
     async def _caption(self, images: list, options, names: list[str]) -> list:
         batcher = self.batcher
