@@ -124,6 +124,9 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--archive", type=Path, metavar="DB",
                        help="also serve this caption archive: GET /v1/events (search) and "
                        "/v1/snapshots/ID, plus a search box on the demo page")
+    serve.add_argument("--snapshots", type=Path, metavar="DIR",
+                       help="serve snapshots only from inside this folder, symlinks resolved "
+                       "(default: the archive's folder)")
     _add_serve_security_arguments(serve)
     add_generation_arguments(serve)  # the service's defaults; each request may override them
     add_runtime_arguments(serve)
@@ -296,7 +299,7 @@ def _serve_settings(args: argparse.Namespace):
                     device=args.device, precision=args.precision,
                     engine_cache=args.engine_cache, io_binding=args.io_binding,
                     generation=generation_from_args(args),
-                    archive=args.archive, api_keys=policy.api_keys,
+                    archive=args.archive, snapshots=args.snapshots, api_keys=policy.api_keys,
                     allowed_hosts=policy.allowed_hosts, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, max_connections=args.max_connections,
                     metrics_auth=args.metrics_auth, cors_origins=tuple(args.cors_origin or ()),

@@ -64,6 +64,7 @@ class Settings:
     io_binding: str = "auto"
     generation: dict[str, Any] = field(default_factory=dict)
     archive: str | Path | None = None  # a caption archive to search (GET /v1/events)
+    snapshots: Path | None = None  # snapshots are served from inside it (default: archive's folder)
     api_keys: tuple[str, ...] = ()  # with keys, every request outside OPEN_PATHS needs one
     allowed_hosts: tuple[str, ...] | None = None  # Host names answered (None: any)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
@@ -304,7 +305,7 @@ def create_app(settings: Settings) -> Starlette:
     if settings.archive is not None:
         from .archive_routes import ArchiveRoutes
 
-        service.archive = ArchiveRoutes(settings.archive)
+        service.archive = ArchiveRoutes(settings.archive, settings.snapshots)
         routes += service.archive.routes()
     return Starlette(routes=routes, lifespan=service.lifespan,
                      middleware=_middleware(settings, service.count_refusal))
