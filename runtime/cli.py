@@ -177,6 +177,17 @@ def _add_serve_limit_arguments(serve) -> None:
                         help="close an idle keep-alive connection after this (default 5)")
     limits.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
                         help="open connections before new ones get 503 (default 128)")
+    limits.add_argument("--forwarded-allow-ips", metavar="IPS",
+                        help="comma-separated proxy addresses (or networks) whose "
+                        "X-Forwarded-For names the client; default: none, the header is "
+                        "ignored and the peer's address is the client")
+    limits.add_argument("--max-client-cost", type=positive_int, default=4096, metavar="UNITS",
+                        help="work one client address may have in flight, in images x beams x "
+                        "max_new_tokens; beyond it 429 + Retry-After, though a client with "
+                        "nothing in flight is always admitted (default %(default)s)")
+    limits.add_argument("--max-client-connections", type=positive_int, metavar="N",
+                        help="open connections one client address may hold; more are closed "
+                        "(default: a quarter of --max-connections; proxies excepted)")
     # Decode memory (edgecap.decode_guard): a small PNG can decode to tens of megapixels.
     limits.add_argument("--max-image-mp", type=positive_float, default=50.0, metavar="MP",
                         help="megapixels one image may have, 422 beyond (default %(default)s)")
@@ -305,9 +316,16 @@ def _serve_settings(args: argparse.Namespace):
                     metrics_auth=args.metrics_auth, cors_origins=tuple(args.cors_origin or ()),
                     rate_limit=rate, rate_burst=args.rate_burst,
                     header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s,
+                    forwarded_allow_ips=_ip_list(args.forwarded_allow_ips),
+                    max_client_cost=args.max_client_cost,
+                    max_client_connections=args.max_client_connections,
                     max_image_pixels=_pixels(args.max_image_mp),
                     max_request_pixels=_pixels(args.max_request_mp),
                     decode_pixels=_pixels(args.decode_mp))
+
+
+def _ip_list(text: str | None) -> tuple[str, ...]:
+    return tuple(ip.strip() for ip in (text or "").split(",") if ip.strip())
 
 
 def _pixels(megapixels: float) -> int:
