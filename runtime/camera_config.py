@@ -36,8 +36,8 @@ BROKER_KEYS = ("host", "port", "username", "password_env", "password_file", "cli
                "keepalive_s", "tls", "ca_file", "reconnect_max_s")
 MQTT_KEYS = (*BROKER_KEYS, "topic", "state_topic")
 ALERT_MQTT_KEYS = (*BROKER_KEYS, "topic", "retain")
-WEBHOOK_KEYS = ("url", "url_env", "url_file", "headers", "headers_env", "headers_file", "timeout_s", "retries",
-                "backoff_s")
+WEBHOOK_KEYS = ("url", "url_env", "url_file", "headers", "headers_env", "headers_file",
+                "timeout_s", "retries", "backoff_s")
 CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in MQTT topics, file names, labels
 
 

@@ -1,7 +1,7 @@
 """Bounds on the memory that decoding a request's images may take (``edgecap serve``).
 
-A few hundred kB of PNG can decode to 50 megapixels, so the body limit says nothing about
-memory. Three bounds, checked in this order:
+A PNG of a few kilobytes can decode to tens of megapixels, so the body limit says nothing
+about memory. Three bounds, checked in this order:
 
 * per image: ``max_image_pixels`` (the decoder's own guard, from the header);
 * per request: the pixels of all its images together, read from their headers before any is

@@ -1,9 +1,9 @@
 """Fair shares of the model between clients (``edgecap serve``).
 
-The queue bounds how many images wait, but not what they cost: eight images with 32 beams and
-63 tokens each cost as much as thousands of greedy ones, and one inference thread serves them in
-turn. So each client may have at most ``per_client`` units of work in flight, a unit being one
-image x one beam x one new token. A request over its client's share is answered 429 with
+The queue bounds how many images wait, but not what they cost: images with the widest beams
+and the longest captions cost as much as thousands of greedy ones, and one inference thread
+serves them in turn. So each client may have at most ``per_client`` units of work in flight, a unit being one
+image x one beam x one new token. A request over its client's share is answered Too Many Requests with
 ``Retry-After`` at once; a client with nothing in flight is always admitted (so a single request
 the share cannot hold still runs, alone). A heavy client thus has one heavy request queued at a
 time, and a light client waits behind at most that one, not behind all of them.

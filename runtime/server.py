@@ -266,7 +266,8 @@ class CaptionService:
                 raise self.reject(503, "decode_busy", "too many pixels being decoded; retry",
                                   {"Retry-After": "1"}) from None
             except ImageError as exc:
-                raise self.reject(422 if data else 400, "bad_image", f"{name}: {exc.reason}") from None
+                raise self.reject(422 if data else 400, "bad_image",
+                                  f"{name}: {exc.reason}") from None
         return images
 
     async def _caption(self, images: list, options, names: list[str]) -> list:

@@ -19,7 +19,8 @@ def png_bomb(width: int, height: int, *, bit_depth: int = 16, color_type: int = 
     row = b"\0" * (1 + width * channels * bit_depth // 8)  # filter byte 0, then the pixels
     packer = zlib.compressobj(9)
     data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))]
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    chunks = [_chunk(b"IHDR", header)]
     if color_type == 3:
         chunks += [_chunk(b"PLTE", bytes(range(48))), _chunk(b"tRNS", bytes([0, 128]))]
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks + [_chunk(b"IDAT", data), _chunk(b"IEND", b"")])

@@ -33,8 +33,8 @@ def fill(archive: Archive, rows: int, seed: int = 0) -> None:
     for start in range(0, rows, 5000):
         archive.add_many([{"camera": f"cam{i % 4}", "stream_time": float(i), "frame_index": i,
                            "wall_time": f"2026-11-{1 + i * 28 // rows:02d}T12:00:00Z",
-                           "generated_text": " ".join(rng.choice(WORDS) + rng.choice(("", "s", "er"))
-                                                      for _ in range(10))}
+                           "generated_text": " ".join(
+                               rng.choice(WORDS) + rng.choice(("", "s", "er")) for _ in range(10))}
                           for i in range(start, min(start + 5000, rows))])
 
 
@@ -203,5 +203,6 @@ def test_archive_and_snapshots_are_owner_only(tmp_path):
         os.umask(old)
     files = [tmp_path / "captions.db", *(tmp_path / "snapshots").iterdir()]
     files += [p for p in tmp_path.glob("captions.db-*")]  # WAL and shared memory, if left
-    assert len(files) >= 2 and all(mode(p) == 0o600 for p in files), {p: oct(mode(p)) for p in files}
+    modes = {p.name: oct(mode(p)) for p in files}
+    assert len(files) >= 2 and set(modes.values()) == {"0o600"}, modes
     assert mode(tmp_path / "snapshots") == 0o700
