@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .secret_files import redact_url
+
 log = logging.getLogger("edgecap.alerts")
 COUNTS = ("sent", "dropped", "failed", "queued")
 DROP_LOG_INTERVAL_S = 10.0  # one warning per target per interval, however many alerts drop
@@ -229,25 +231,42 @@ def _communicate(proc: subprocess.Popen, body: bytes, timeout_s: float,
             return None
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """No redirect is followed: the webhook's headers (its credentials) would go with it to a
+    host the config never named. The 3xx answer becomes an HTTPError, a failed delivery."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def post_webhook(delivery: Delivery, abort: threading.Event) -> None:
-    """POST the record; retry with exponential backoff on 5xx, 429 and connection errors."""
+    """POST the record; retry with exponential backoff on 5xx, 429 and connection errors.
+    Redirects are refused, and errors name the URL without its user info or query."""
     target = delivery.target
     assert isinstance(target, WebhookTarget)
     headers = {"Content-Type": "application/json", "User-Agent": "edgecap", **dict(target.headers)}
+    where = redact_url(target.url)
     for attempt in range(target.retries + 1):
         request = urllib.request.Request(target.url, data=delivery.body, headers=headers,
                                          method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=target.timeout_s) as response:
+            with _OPENER.open(request, timeout=target.timeout_s) as response:
                 response.read()
             return
         except urllib.error.HTTPError as exc:
             reason = f"HTTP {exc.code}"
+            if 300 <= exc.code < 400:
+                raise DeliveryError(f"{where}: {reason}: redirects are not followed (they "
+                                    "would carry the webhook's headers elsewhere); configure "
+                                    "the final URL") from None
             if exc.code < 500 and exc.code != 429:  # the request itself is wrong: retry won't help
-                raise DeliveryError(f"{target.url}: {reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = str(getattr(exc, "reason", exc))
+                raise DeliveryError(f"{where}: {reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = type(exc).__name__ if isinstance(exc, ValueError) else \
+                str(getattr(exc, "reason", exc))
         if attempt == target.retries or abort.wait(target.backoff_s * 2 ** attempt):
             break
-    raise DeliveryError(f"{target.url}: {reason} (after {attempt + 1} attempt(s))")
-
+    raise DeliveryError(f"{where}: {reason} (after {attempt + 1} attempt(s))")

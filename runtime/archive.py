@@ -10,9 +10,14 @@ processes, one per camera, append to while ``edgecap search`` and the HTTP serve
 * Retention (``prune``) deletes the oldest rows and their snapshot files together, in small
   batches with short transactions, so it can run in a background thread beside captioning.
 
-Sharing: an ``Archive`` may be shared between threads (calls are serialized by a lock). For
-pruning from a background thread, open a second ``Archive`` on the same path so captioning waits
-only on SQLite's short per-batch write locks, never on the whole prune.
+Sharing: an ``Archive`` may be shared between threads. Writes are serialized by a lock; reads
+(search, get, snapshot, count) run on a read-only connection per thread, outside that lock, so a
+slow search never holds up a writer or another reader. For pruning from a background thread,
+open a second ``Archive`` on the same path so captioning waits only on SQLite's short per-batch
+write locks, never on the whole prune.
+
+Files are created owner-only (0600, the WAL and shared-memory files follow the database's mode):
+the captions describe the inside of homes and shops.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import re
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from .archive_limits import QueryLimits, budget
 from .errors import EdgecapError
 
 SCHEMA_VERSION = 2  # 2: captions_tags (a version-1 archive gains it when opened to write)
@@ -37,6 +43,7 @@ DEFAULT_GAP_S = 60.0  # hits of one camera closer than this in wall time form on
 DEFAULT_CANDIDATES = 1000  # newest matches ranked per search: bm25 is the cost of a common word
 LAG_SLACK_S = 1e-3  # float rounding of watermark - wall_ts when bounding ids by `until`
 TimeLike = dt.datetime | str | float | int
+MAX_DURATION_S = 36500 * 86400.0  # the longest `since` / `until` duration accepted
 
 # IF NOT EXISTS everywhere: two processes may create the same new archive at once; the script
 # runs inside BEGIN IMMEDIATE, so the second one finds the first one's tables and changes nothing.
@@ -163,14 +170,18 @@ def parse_time(text: str, now: TimeLike | None = None) -> dt.datetime:
     Raises:
         ArchiveError: the text is neither a duration nor an ISO 8601 time.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
+    # ASCII digits only, and at most a century: a duration beyond any archive is a typo, and
+    # subtracting it would overflow datetime.
+    match = re.fullmatch(r"\s*([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*([smhdw])\s*", text or "")
     if match:
         seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
+        if seconds > MAX_DURATION_S:
+            raise ArchiveError(f"time {text[:40]!r}: a duration of at most 100 years (36500d)")
         return _utc(time.time() if now is None else now) - dt.timedelta(seconds=seconds)
     try:
         return _utc(text.strip())
-    except (ValueError, AttributeError):
-        raise ArchiveError(f"time {text!r}: expected a duration like 30m, 2h, 7d "
+    except (ValueError, AttributeError, OverflowError):  # overflow: e.g. year 9999 at -23:59
+        raise ArchiveError(f"time {str(text)[:40]!r}: expected a duration like 30m, 2h, 7d "
                            "or an ISO 8601 time like 2026-11-25T14:00:00Z") from None
 
 
@@ -282,6 +293,9 @@ class Archive:
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.RLock()
+        self._local = threading.local()  # each thread's read connection (see _reader)
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()  # never _lock: a reader must not wait on a write
         self._conn = self._connect(busy_timeout_s)
 
     @classmethod
@@ -306,8 +320,27 @@ class Archive:
         self.close()
 
     def close(self) -> None:
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
         with self._lock:
             self._conn.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection: in WAL mode it sees every committed row and
+        waits on neither the writer nor ``_lock``."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"
+            try:
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise ArchiveError(f"{self.path}: {_reason(exc)}") from None
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
 
     def _connect(self, busy_timeout_s: float) -> sqlite3.Connection:
         if self.path.is_dir():
@@ -315,6 +348,8 @@ class Archive:
         if self.readonly and not self.path.is_file():
             raise ArchiveError(f"{self.path}: no such archive")
         uri = f"{self.path.absolute().as_uri()}?mode={'ro' if self.readonly else 'rwc'}"
+        if not self.readonly:
+            _create_private(self.path)
         conn = None
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
@@ -409,7 +444,8 @@ class Archive:
 
     def search(self, query: str, *, camera: str | None = None, since: TimeLike | None = None,
                until: TimeLike | None = None, limit: int = 50,
-               max_candidates: int | None = DEFAULT_CANDIDATES) -> list[Hit]:
+               max_candidates: int | None = DEFAULT_CANDIDATES,
+               limits: QueryLimits | None = None) -> list[Hit]:
         """Captions matching an FTS5 query, best bm25 first, newest first on ties.
 
         Ranking every match of a common word in a big archive is slow, so only the newest
@@ -428,14 +464,18 @@ class Archive:
             until: only captions before this wall-clock time.
             limit: at most this many hits.
             max_candidates: rank at most this many of the newest matches (None: all).
+            limits: bounds on the query's text, time and steps (None: unbounded).
 
         Raises:
             ArchiveError: a malformed query, a bad time, or an unreadable archive.
+            QueryRefused: the query breaks ``limits``.
         """
         if not query or not query.strip():
             raise ArchiveError("search query is empty")
         if limit < 1 or (max_candidates is not None and max_candidates < 1):
             raise ArchiveError(f"search limit must be >= 1 (got {limit}, {max_candidates})")
+        if limits is not None:
+            limits.check_text(query)
         since_ts, until_ts = (None if t is None else _time_ts(t) for t in (since, until))
         words, tags = split_tag_terms(query)
         if words:
@@ -462,19 +502,21 @@ class Archive:
             sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, 0.0 AS rank, c.wall_ts AS ts "
                    f"FROM captions AS c WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?) "
                    "LIMIT ?")
-        with self._lock:
-            try:
-                low, high = self._id_range(since_ts, until_ts)
+        conn = self._reader()
+        try:
+            with budget(conn, limits) if limits else nullcontext():
+                low, high = self._id_range(conn, since_ts, until_ts)
                 at = 1 if words else 0  # the id range follows the FTS query, if any
                 params[at:at] = [low, high]
-                rows = self._conn.execute(sql, [*params, max_candidates or -1, limit]).fetchall()
-            except sqlite3.OperationalError as exc:
-                raise ArchiveError(_query_error(query, exc)) from None
-            except sqlite3.Error as exc:
-                raise ArchiveError(f"{self.path}: {_reason(exc)}") from None
+                rows = conn.execute(sql, [*params, max_candidates or -1, limit]).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise ArchiveError(_query_error(query, exc)) from None
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"{self.path}: {_reason(exc)}") from None
         return [Hit(*row[:-1]) for row in rows]
 
-    def _id_range(self, since_ts: float | None, until_ts: float | None) -> tuple[int, int]:
+    def _id_range(self, conn: sqlite3.Connection, since_ts: float | None,
+                  until_ts: float | None) -> tuple[int, int]:
         """The ids that can hold captions in [since, until), from the watermark index.
 
         A row at or after ``since`` has watermark >= since; a row before ``until`` has
@@ -484,29 +526,29 @@ class Archive:
         seek = "SELECT id FROM captions WHERE watermark >= ? ORDER BY watermark, id LIMIT 1"
         low, high = 0, 2**63 - 1
         if since_ts is not None:
-            row = self._conn.execute(seek, (since_ts,)).fetchone()
+            row = conn.execute(seek, (since_ts,)).fetchone()
             low = high if row is None else row[0]
         if until_ts is not None:
-            lag = self._conn.execute("SELECT max_lag FROM totals").fetchone()[0]
-            row = self._conn.execute(seek, (until_ts + lag + LAG_SLACK_S,)).fetchone()
+            lag = conn.execute("SELECT max_lag FROM totals").fetchone()[0]
+            row = conn.execute(seek, (until_ts + lag + LAG_SLACK_S,)).fetchone()
             high = high if row is None else row[0] - 1
         return low, high
 
     def get(self, ids: Sequence[int]) -> list[Hit]:
         """The archived captions with these ids (rank 0), in id order; unknown ids are skipped."""
         marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._conn.execute(f"SELECT {HIT_COLUMNS}, 0.0 FROM captions AS c "
+        rows = self._reader().execute(f"SELECT {HIT_COLUMNS}, 0.0 FROM captions AS c "
                                       f"WHERE c.id IN ({marks}) ORDER BY c.id", list(ids))
-            return [Hit(*row) for row in rows.fetchall()]
+        return [Hit(*row) for row in rows.fetchall()]
 
     def snapshot(self, id: int) -> Path | None:
         """The snapshot image of caption ``id`` if it has one on disk, else None.
 
         Looked up by id only, so an HTTP endpoint never opens a path a client chose.
         """
-        with self._lock:
-            row = self._conn.execute("SELECT snapshot FROM captions WHERE id = ?",
+        if not 0 < id < 2**63:  # SQLite's ids: anything else (an overflow) is no caption
+            return None
+        row = self._reader().execute("SELECT snapshot FROM captions WHERE id = ?",
                                      (int(id),)).fetchone()
         if row is None or row[0] is None:
             return None
@@ -515,8 +557,7 @@ class Archive:
 
     def count(self) -> int:
         """How many captions the archive holds."""
-        with self._lock:
-            return self._conn.execute("SELECT count(*) FROM captions").fetchone()[0]
+        return self._reader().execute("SELECT count(*) FROM captions").fetchone()[0]
 
     def disk_bytes(self) -> int:
         """Bytes on disk: the database file, its WAL and every archived snapshot file."""
@@ -616,6 +657,16 @@ def _enough(rows: list[tuple], excess: float, row_bytes: float) -> list[tuple]:
             return rows[:n]
         freed += snapshot_bytes + row_bytes
     return rows
+
+
+def _create_private(path: Path) -> None:
+    """Create a missing archive file owner-only; SQLite gives its WAL the same mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:  # an unwritable folder: sqlite3.connect reports it with the reason
+        pass
 
 
 def _unlink(path: str) -> int:

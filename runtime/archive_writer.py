@@ -9,6 +9,7 @@ archive too.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class ArchiveWriter:
         self.path, self.camera, self.snapshots = Path(path), camera, snapshots
         if snapshots is not None:
             try:
-                snapshots.mkdir(parents=True, exist_ok=True)
+                # Owner-only: the frames show the inside of homes and shops.
+                snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
             except OSError as exc:
                 raise ArchiveError(f"{snapshots}: cannot create the snapshot folder "
                                    f"({exc.strerror or exc})") from None
@@ -96,7 +98,9 @@ class ArchiveWriter:
         try:
             thumbnail = image.copy()
             thumbnail.thumbnail((SNAPSHOT_SIDE, SNAPSHOT_SIDE))
-            thumbnail.save(path, "JPEG", quality=80)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                thumbnail.save(file, "JPEG", quality=80)
         except OSError as exc:  # a full disk costs the snapshot, never the caption
             self.failures += 1
             log.error("snapshot %s not written: %s", path, exc)

@@ -24,6 +24,7 @@ from .alert_targets import CommandTarget, MqttBroker, MqttTarget, WebhookTarget
 from .alerts import DEFAULT_COOLDOWN_S, AlertError, AlertRule, check_fts_query, parse_clock
 from .errors import EdgecapError
 from .options import GENERATION, OptionsError
+from .secret_files import looks_secret, redact_url, secret_in_url, warn_if_readable
 
 TOP_KEYS = ("archive", "snapshots", "keep_days", "max_disk_mb", "mqtt", "camera", "alert")
 # The names (argparse dests) of `edgecap watch`'s per-camera flags, and their checks.
@@ -35,8 +36,8 @@ BROKER_KEYS = ("host", "port", "username", "password_env", "password_file", "cli
                "keepalive_s", "tls", "ca_file", "reconnect_max_s")
 MQTT_KEYS = (*BROKER_KEYS, "topic", "state_topic")
 ALERT_MQTT_KEYS = (*BROKER_KEYS, "topic", "retain")
-WEBHOOK_KEYS = ("url", "headers", "headers_env", "headers_file", "timeout_s", "retries",
-                "backoff_s")
+WEBHOOK_KEYS = ("url", "url_env", "url_file", "headers", "headers_env", "headers_file",
+                "timeout_s", "retries", "backoff_s")
 CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in MQTT topics, file names, labels
 
 
@@ -196,9 +197,12 @@ class _Table:
     def secret_file(self, key: str) -> str | None:
         path = self.path(key)
         try:
-            return None if path is None else path.read_text().strip()
+            text = None if path is None else path.read_text().strip()
         except OSError as exc:
             raise self.error(key, f"cannot read {path}: {exc.strerror or exc}") from None
+        if path is not None:
+            warn_if_readable(path, f"{key} of {self.source.path.name}:")
+        return text
 
     def secret_env(self, key: str, name: str | None = None) -> str | None:
         variable = name if name is not None else self.text(key)
@@ -232,6 +236,8 @@ def load_config(path: str | os.PathLike) -> WatchConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    # The config names cameras (whose URLs may hold credentials) and where the secrets are.
+    warn_if_readable(path, "config file")
     source = _Source(path, path.resolve().parent, _KeyLines(text))
     return _watch_config(_Table(source, data, ()))
 
@@ -446,10 +452,16 @@ def _webhook(table: _Table) -> WebhookTarget:
     else:
         sub.only(WEBHOOK_KEYS)
         url_key = "url"
-    url = sub.text("url", required=True)
+    owner = table if url_key == "webhook" else sub
+    url = sub.text("url")
+    if url is not None and (secret := secret_in_url(url)):
+        raise owner.error(url_key, f"keep secrets out of the config: the URL has {secret}; use "
+                          "url_env (an environment variable's name) or url_file")
+    url = url or sub.secret_env("url_env") or sub.secret_file("url_file")
+    if url is None:
+        raise owner.error(url_key, "missing (required): give url, url_env or url_file")
     if not re.match(r"https?://[^/\s]+", url):
-        raise (table if url_key == "webhook" else sub).error(
-            url_key, f"{url!r}: expected an http:// or https:// URL")
+        raise owner.error(url_key, f"{redact_url(url)!r}: expected an http:// or https:// URL")
     extra = {k: v for k, v in (("timeout_s", sub.number("timeout_s")),
                                ("retries", sub.integer("retries", 0, 10)),
                                ("backoff_s", sub.number("backoff_s", 0.0, low_open=False)))
@@ -460,14 +472,18 @@ def _webhook(table: _Table) -> WebhookTarget:
 def _headers(sub: _Table) -> tuple[tuple[str, str], ...]:
     """Plain ``headers``, ``headers_env`` (header -> variable) and ``headers_file`` lines."""
     headers = dict(sub.get("headers", dict, "a table of header = value") or {})
+    for header in headers:
+        if looks_secret(str(header)):
+            raise sub.error("headers", f"{header}: keep secrets out of the config: use "
+                            "headers_env (header = VARIABLE) or headers_file")
     for header, variable in (sub.get("headers_env", dict, "a table of header = VARIABLE")
                              or {}).items():
         headers[header] = sub.secret_env("headers_env", str(variable))
-    for line in (sub.secret_file("headers_file") or "").splitlines():
+    for number, line in enumerate((sub.secret_file("headers_file") or "").splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             name, colon, value = line.partition(":")
-            if not colon or not name.strip():
-                raise sub.error("headers_file", f"expected 'Name: value' lines, got {line!r}")
+            if not colon or not name.strip():  # the line itself may be a secret: not echoed
+                raise sub.error("headers_file", f"line {number}: expected 'Name: value'")
             headers[name.strip()] = value.strip()
     if not all(isinstance(v, str) for v in headers.values()):
         raise sub.error("headers", "header values must be strings")

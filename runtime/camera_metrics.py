@@ -6,10 +6,14 @@ read from ``Alerts.stats()`` when Prometheus scrapes, so the alert workers never
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -79,10 +83,43 @@ class CameraMetrics:
 def start_metrics_server(metrics: CameraMetrics, port: int, host: str = "127.0.0.1") -> Any:
     """Serve ``metrics`` for Prometheus on http://HOST:PORT/metrics (a daemon thread).
 
+    On a loopback address only requests for a loopback name (``Host: 127.0.0.1``,
+    ``localhost``, ``[::1]``) are answered, 421 otherwise, as ``edgecap serve`` does: a web
+    page that rebinds its own name to 127.0.0.1 cannot read the camera names.
+
     Returns:
-        prometheus_client's server (``.shutdown()`` stops it) and thread, as it returns them.
+        (the WSGI server, whose ``.shutdown()`` stops it, and its thread), as prometheus_client's
+        ``start_http_server`` returns them.
 
     Raises:
         OSError: the port cannot be bound (in use, or not allowed).
     """
-    return start_http_server(port, addr=host, registry=metrics.registry)
+    app = make_wsgi_app(metrics.registry)
+    if host in LOOPBACK_NAMES or host.startswith("127."):
+        app = _host_checked(app, frozenset(LOOPBACK_NAMES) | {host})
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="edgecap-metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass  # one line a scrape would flood stderr
+
+
+def _host_checked(app: Callable, allowed: frozenset[str]) -> Callable:
+    """``app`` answering 421 to a request whose Host is not one of ``allowed``."""
+
+    def checked(environ: dict, start_response: Callable) -> Any:
+        host = environ.get("HTTP_HOST", "").strip().lower()
+        match = re.fullmatch(r"\[([^\]]*)\](?::\d*)?|([^:]*)(?::\d*)?", host)
+        if not match or (match.group(1) or match.group(2) or "") not in allowed:
+            start_response("421 Misdirected Request", [("Content-Type", "text/plain")])
+            return [b"unknown Host: this metrics endpoint answers loopback names only\n"]
+        return app(environ, start_response)
+
+    return checked

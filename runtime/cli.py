@@ -124,6 +124,9 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--archive", type=Path, metavar="DB",
                        help="also serve this caption archive: GET /v1/events (search) and "
                        "/v1/snapshots/ID, plus a search box on the demo page")
+    serve.add_argument("--snapshots", type=Path, metavar="DIR",
+                       help="serve snapshots only from inside this folder, symlinks resolved "
+                       "(default: the archive's folder)")
     _add_serve_security_arguments(serve)
     add_generation_arguments(serve)  # the service's defaults; each request may override them
     add_runtime_arguments(serve)
@@ -174,6 +177,26 @@ def _add_serve_limit_arguments(serve) -> None:
                         help="close an idle keep-alive connection after this (default 5)")
     limits.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
                         help="open connections before new ones get 503 (default 128)")
+    limits.add_argument("--forwarded-allow-ips", metavar="IPS",
+                        help="comma-separated proxy addresses (or networks) whose "
+                        "X-Forwarded-For names the client; default: none, the header is "
+                        "ignored and the peer's address is the client")
+    limits.add_argument("--max-client-cost", type=positive_int, default=4096, metavar="UNITS",
+                        help="work one client address may have in flight, in images x beams x "
+                        "max_new_tokens; beyond it 429 + Retry-After, though a client with "
+                        "nothing in flight is always admitted (default %(default)s)")
+    limits.add_argument("--max-client-connections", type=positive_int, metavar="N",
+                        help="open connections one client address may hold; more are closed "
+                        "(default: a quarter of --max-connections; proxies excepted)")
+    # Decode memory (edgecap.decode_guard): a small PNG can decode to tens of megapixels.
+    limits.add_argument("--max-image-mp", type=positive_float, default=50.0, metavar="MP",
+                        help="megapixels one image may have, 422 beyond (default %(default)s)")
+    limits.add_argument("--max-request-mp", type=positive_float, default=100.0, metavar="MP",
+                        help="megapixels of one request's images together, 413 beyond "
+                        "(default %(default)s)")
+    limits.add_argument("--decode-mp", type=positive_float, default=64.0, metavar="MP",
+                        help="megapixels decoded at once across requests; others wait their "
+                        "turn (default %(default)s)")
 
 
 DEFAULT_RATE_LIMIT = 20.0  # requests/s per client on a non-loopback --host
@@ -287,12 +310,26 @@ def _serve_settings(args: argparse.Namespace):
                     device=args.device, precision=args.precision,
                     engine_cache=args.engine_cache, io_binding=args.io_binding,
                     generation=generation_from_args(args),
-                    archive=args.archive, api_keys=policy.api_keys,
+                    archive=args.archive, snapshots=args.snapshots, api_keys=policy.api_keys,
                     allowed_hosts=policy.allowed_hosts, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, max_connections=args.max_connections,
                     metrics_auth=args.metrics_auth, cors_origins=tuple(args.cors_origin or ()),
                     rate_limit=rate, rate_burst=args.rate_burst,
-                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s)
+                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s,
+                    forwarded_allow_ips=_ip_list(args.forwarded_allow_ips),
+                    max_client_cost=args.max_client_cost,
+                    max_client_connections=args.max_client_connections,
+                    max_image_pixels=_pixels(args.max_image_mp),
+                    max_request_pixels=_pixels(args.max_request_mp),
+                    decode_pixels=_pixels(args.decode_mp))
+
+
+def _ip_list(text: str | None) -> tuple[str, ...]:
+    return tuple(ip.strip() for ip in (text or "").split(",") if ip.strip())
+
+
+def _pixels(megapixels: float) -> int:
+    return int(megapixels * 1e6)
 
 
 def _warn_insecure(args: argparse.Namespace, api_keys: tuple[str, ...]) -> None:

@@ -9,6 +9,7 @@ Names follow transformers' ``GenerationConfig``; see docs/options.md.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -73,15 +74,21 @@ class Option:
 def _integer(text: Any) -> int:
     if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
         raise ValueError(f"expected an integer, got {text!r}")
+    # Text from a request: ASCII digits of a bounded length (int() would take any script's
+    # digits and thousands of them), so every value is an ordinary machine integer.
+    if isinstance(text, str) and not re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", text):
+        raise ValueError(f"expected an integer, got {text[:40]!r}")
     try:
         return int(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected an integer, got {text!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"expected an integer, got {str(text)[:40]!r}") from None
 
 
 def _number(text: Any) -> float:
     if isinstance(text, bool):
         raise ValueError(f"expected a number, got {text!r}")
+    if isinstance(text, str) and (len(text) > 64 or not text.isascii()):
+        raise ValueError(f"expected a number, got {text[:40]!r}")
     try:
         value = float(text)
     except (TypeError, ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,6 +33,10 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Background that transparent pixels are composited on (white, as a viewer would show them).
 ALPHA_BACKGROUND = (255, 255, 255)
+# Modes converted band by band (see to_rgb) and the size of a band: temporaries stay small.
+WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+BAND_PIXELS = 1 << 20
 
 
 def describe(source: ImageInput) -> str:
@@ -108,24 +112,49 @@ def decode_image(data: bytes, name: str, max_pixels: int = 50_000_000) -> Image.
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, compositing transparency over ``ALPHA_BACKGROUND``."""
+    """Convert any PIL mode to 8-bit RGB, compositing transparency over ``ALPHA_BACKGROUND``.
+
+    Wide and transparent modes are converted a band of rows at a time, so a huge image costs
+    its own pixels plus the RGB result, never full-size float or RGBA temporaries.
+    """
     try:
         if image.mode == "RGB":
             return image
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit grayscale: scale the full range down to 8 bits instead of clipping.
-            array = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-            image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-            return Image.alpha_composite(background, rgba).convert("RGB")
+        if image.mode in WIDE_GRAY_MODES:
+            image = _wide_gray_to_l(image)
+        if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+            return _composite_bands(image)
         return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001
         raise ImageError(name, f"cannot convert mode {image.mode} to RGB ({exc})") from None
+
+
+def _bands(image: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    """(top row, band) pieces of ``image`` of about ``BAND_PIXELS`` pixels each."""
+    width, height = image.size
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield top, image.crop((0, top, width, min(top + rows, height)))
+
+
+def _wide_gray_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit: the full range scaled down to 8 bits instead of clipped."""
+    top = 65535.0 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255.0
+    out = np.empty((image.size[1], image.size[0]), dtype=np.uint8)
+    for row, band in _bands(image):
+        array = np.asarray(band, dtype=np.float64)  # one band: a few MB, whatever the image
+        out[row:row + array.shape[0]] = np.clip(array / top * 255.0 + 0.5, 0, 255)
+    return Image.fromarray(out)
+
+
+def _composite_bands(image: Image.Image) -> Image.Image:
+    """Transparent pixels over ``ALPHA_BACKGROUND``; per-pixel, so band by band is exact."""
+    out = Image.new("RGB", image.size)
+    for row, band in _bands(image):
+        rgba = band.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        out.paste(Image.alpha_composite(background, rgba).convert("RGB"), (0, row))
+    return out
 
 
 def _from_array(array: np.ndarray, name: str) -> Image.Image:

@@ -28,12 +28,12 @@ import json
 import os
 import re
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgecapError
+from .secret_files import warn_if_readable
 from .serve_limits import RateLimiter, retry_after
 
 API_KEY_ENV = "EDGECAP_API_KEY"
@@ -82,10 +82,8 @@ def _read_key_file(path: Path) -> list[tuple[str, str]]:
     keys = [(where, line) for where, line in lines if line and not line.startswith("#")]
     if not keys:
         raise SecurityConfigError(f"{path}: no API key in the file (one key a line)")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        # A warning, not an error: containers often mount secrets group-readable.
-        print(f"edgecap: warning: {path} is readable by other users (chmod 600 {path})",
-              file=sys.stderr)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):  # a warning: containers mount secrets group-readable
+        warn_if_readable(path, "API key file")
     return keys
 
 

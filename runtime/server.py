@@ -37,10 +37,11 @@ from starlette.routing import Route
 
 from .batcher import MicroBatcher, Overloaded
 from .captioner import Captioner
+from .decode_guard import BudgetExceeded, DecodeGate, check_request_pixels, decode_for_model
 from .errors import ImageError, OptionsError
 from .openapi import openapi_document
 from .options import generation_from_fields
-from .preprocess import decode_image
+from .serve_fairness import CostShares, request_cost
 from .serve_security import Guard, Policy, SecurityConfigError, page_csp
 
 DEMO_PAGE = (Path(__file__).parent / "demo.html")
@@ -64,6 +65,7 @@ class Settings:
     io_binding: str = "auto"
     generation: dict[str, Any] = field(default_factory=dict)
     archive: str | Path | None = None  # a caption archive to search (GET /v1/events)
+    snapshots: Path | None = None  # snapshots are served from inside it (default: archive's folder)
     api_keys: tuple[str, ...] = ()  # with keys, every request outside OPEN_PATHS needs one
     allowed_hosts: tuple[str, ...] | None = None  # Host names answered (None: any)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
@@ -75,6 +77,16 @@ class Settings:
     rate_burst: int = 1  # requests an idle client may send at once
     header_timeout_s: float = 10.0  # request headers must arrive within it (slowloris)
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after it
+    # Peers whose X-Forwarded-For / -Proto are believed (proxies); none: the headers are ignored.
+    forwarded_allow_ips: tuple[str, ...] = ()
+    # Fairness (serve_fairness, serve_limits): work units (images x beams x new tokens) and open
+    # connections one client address may hold; None: a quarter of max_connections.
+    max_client_cost: int = 4096
+    max_client_connections: int | None = None
+    # Decode memory (decode_guard): pixels per image, per request, and decoding at once.
+    max_image_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000
+    decode_pixels: int = 64_000_000
 
 
 class Metrics:
@@ -146,6 +158,8 @@ class CaptionService:
         self.archive = None  # ArchiveRoutes with --archive
         self.demo_page = DEMO_PAGE.read_text()
         self.demo_csp = page_csp(self.demo_page)  # only the page's own inline script and style
+        self.decode_gate = DecodeGate(settings.decode_pixels)
+        self.shares = CostShares(settings.max_client_cost)
 
     def reject(self, status: int, kind: str, message: str, headers=None) -> Rejected:
         return Rejected(error(status, kind, message, self.metrics, headers))
@@ -181,8 +195,9 @@ class CaptionService:
                     **{**self.settings.generation, **generation_from_fields(params)})
             except OptionsError as exc:
                 raise self.reject(400, "bad_options", str(exc)) from None
-            images = [await self._decode(name, data) for name, data in uploads]
-            results = await self._caption(images, options, [name for name, _ in uploads])
+            async with self._share(request, request_cost(len(uploads), options)):
+                images = await self._decode(uploads)
+                results = await self._caption(images, options, [name for name, _ in uploads])
         except Rejected as rejected:
             return rejected.response
         self.metrics.requests.labels("200").inc()
@@ -220,11 +235,40 @@ class CaptionService:
             raise self.reject(400, "bad_request", f"at most {self.settings.max_images} images per request")
         return params, uploads
 
-    async def _decode(self, name: str, data: bytes):
+    @contextlib.asynccontextmanager
+    async def _share(self, request: Request, cost: int):
+        """Hold ``cost`` of this client's share of the model while the block runs."""
+        client = request.client.host if request.client else ""
+        if not self.shares.admit(client, cost):
+            raise self.reject(429, "client_busy", f"this client already has work in flight; a "
+                              f"request of {cost} units (images x beams x max_new_tokens) waits "
+                              f"until it is done (share: {self.shares.per_client})",
+                              {"Retry-After": "1"})
         try:
-            return await run_in_threadpool(decode_image, data, name)
-        except ImageError as exc:
-            raise self.reject(422 if data else 400, "bad_image", f"{name}: {exc.reason}") from None
+            yield
+        finally:
+            self.shares.release(client, cost)
+
+    async def _decode(self, uploads: list[tuple[str, bytes]]) -> list:
+        """Decode one image at a time within the request's and the server's pixel budgets."""
+        settings, images = self.settings, []
+        try:
+            pixels = check_request_pixels(uploads, settings.max_request_pixels)
+        except BudgetExceeded as exc:
+            raise self.reject(413, "too_many_pixels", str(exc)) from None
+        preprocessing = self.captioner.manifest.preprocessing
+        for (name, data), count in zip(uploads, pixels):
+            try:
+                async with self.decode_gate.admit(count, settings.timeout_s):
+                    images.append(await run_in_threadpool(
+                        decode_for_model, data, name, settings.max_image_pixels, preprocessing))
+            except asyncio.TimeoutError:
+                raise self.reject(503, "decode_busy", "too many pixels being decoded; retry",
+                                  {"Retry-After": "1"}) from None
+            except ImageError as exc:
+                raise self.reject(422 if data else 400, "bad_image",
+                                  f"{name}: {exc.reason}") from None
+        return images
 
     async def _caption(self, images: list, options, names: list[str]) -> list:
         batcher = self.batcher
@@ -285,7 +329,7 @@ def create_app(settings: Settings) -> Starlette:
     if settings.archive is not None:
         from .archive_routes import ArchiveRoutes
 
-        service.archive = ArchiveRoutes(settings.archive)
+        service.archive = ArchiveRoutes(settings.archive, settings.snapshots)
         routes += service.archive.routes()
     return Starlette(routes=routes, lifespan=service.lifespan,
                      middleware=_middleware(settings, service.count_refusal))
@@ -326,8 +370,23 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
                 timeout_graceful_shutdown=int(settings.timeout_s) + 5,
                 server_header=False,  # no version banner for scanners
                 limit_concurrency=settings.max_connections,
-                http=header_timeout_protocol(settings.header_timeout_s),
-                timeout_keep_alive=settings.keep_alive_s, **tls)
+                http=header_timeout_protocol(
+                    settings.header_timeout_s, _client_connections(settings),
+                    frozenset(settings.forwarded_allow_ips)),
+                timeout_keep_alive=settings.keep_alive_s,
+                # uvicorn trusts 127.0.0.1 by default: behind ssh -L or socat every client would
+                # pick its own rate-limit key. Only the named proxies are believed.
+                proxy_headers=bool(settings.forwarded_allow_ips),
+                forwarded_allow_ips=list(settings.forwarded_allow_ips) or None, **tls)
+
+
+def _client_connections(settings: Settings) -> int:
+    """Open connections one address may hold: a share of the server's, never all of them."""
+    if "*" in settings.forwarded_allow_ips:  # every peer a proxy: addresses tell nothing
+        return settings.max_connections
+    if settings.max_client_connections is not None:
+        return settings.max_client_connections
+    return max(1, settings.max_connections // 4)
 
 
 def _tls_files(settings: Settings) -> dict[str, str]:
