@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .compat import (
+    MODEL_ID,
     PROMPT_HEADER,
     Answer,
     CompatError,
@@ -100,7 +101,9 @@ class OpenAIRoutes:
         try:
             body = await read_json(self.service, request)
             _check_supported(body)
-            style = style_of(body.get("model"), loaded(self.service).styles)
+            # llama.cpp's server answers without a model name, and clients made for it send none.
+            body["model"] = body.get("model") or MODEL_ID
+            style = style_of(body["model"], loaded(self.service).styles)
             stream = _boolean(body, "stream")
             include_usage = stream and _boolean(body.get("stream_options") or {}, "include_usage")
             images = _images(body.get("messages"))
