@@ -174,10 +174,14 @@ def _add_serve_limit_arguments(serve) -> None:
                         help="close an idle keep-alive connection after this (default 5)")
     limits.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
                         help="open connections before new ones get 503 (default 128)")
+    limits.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                        help="images in one request: multipart files, or the images of a chat "
+                        f"request (default {DEFAULT_MAX_IMAGES}; Frigate may send more frames)")
 
 
 DEFAULT_RATE_LIMIT = 20.0  # requests/s per client on a non-loopback --host
 DEFAULT_RATE_BURST = 250  # above the demo page's 200 snapshots per search
+DEFAULT_MAX_IMAGES = 8
 
 
 def _cors_origin(text: str) -> str:
@@ -292,7 +296,8 @@ def _serve_settings(args: argparse.Namespace):
                     tls_key=args.tls_key, max_connections=args.max_connections,
                     metrics_auth=args.metrics_auth, cors_origins=tuple(args.cors_origin or ()),
                     rate_limit=rate, rate_burst=args.rate_burst,
-                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s)
+                    header_timeout_s=args.header_timeout_s, keep_alive_s=args.keep_alive_s,
+                    max_images=args.max_images)
 
 
 def _warn_insecure(args: argparse.Namespace, api_keys: tuple[str, ...]) -> None:

@@ -332,6 +332,14 @@ def test_bad_images_are_4xx_json(server, payload, status, code):
     assert reply.status_code == status and reply.json()["error"]
 
 
+def test_image_limit_is_the_services(client, frames):
+    # --max-images bounds a chat request as it bounds /v1/captions' multipart files.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="edgecap", messages=[
+            {"role": "user", "content": frigate_content((frames * 3)[:9])}])
+    assert "at most 8 images" in caught.value.message
+
+
 def test_no_image_and_unknown_model(server, client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="edgecap",
