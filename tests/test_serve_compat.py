@@ -23,6 +23,7 @@ requests = pytest.importorskip("requests")
 
 from edgecap import Captioner
 from edgecap.cli import main
+from edgecap.compat import CompatError, inline_image, model_ids, style_of
 from test_serve_security import AUTH, KEY, key_file, stop_and_read_stderr  # noqa: F401
 from test_server import Server
 
@@ -174,6 +175,22 @@ def test_openai_models(client):
     assert client.models.retrieve("edgecap").id == "edgecap"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
+
+
+def test_edgecap_options_travel_in_extra_body(client, tiny_export, frame_paths, frames):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["caption", "--model", str(tiny_export), "--beams", "2",
+                     "--max-new-tokens", "5", str(frame_paths[1])]) == 0
+    reply = client.chat.completions.create(
+        model="edgecap", messages=[{"role": "user", "content": frigate_content(frames[1:2])}],
+        extra_body={"num_beams": 2, "max_new_tokens": 5})
+    assert reply.choices[0].message.content == out.getvalue().removesuffix("\n")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="edgecap", messages=[{"role": "user", "content": frigate_content(frames[:1])}],
+            extra_body={"num_beams": 0})
+    assert "num_beams" in caught.value.message
 
 
 def test_requests_llama_cpp_shape(server, frames, cli_captions):
@@ -355,3 +372,34 @@ def test_openapi_lists_the_compatible_routes(server):
     assert {"/v1/models", "/v1/chat/completions", "/api/tags", "/api/show", "/api/version",
             "/api/generate", "/api/chat"} <= set(paths)
     assert paths["/v1/chat/completions"]["post"]["security"] == [{"apiKey": []}]
+
+
+def test_model_ids_name_styles():
+    assert model_ids(["alt-text"]) == ["edgecap", "edgecap:alt-text"]
+    assert style_of("edgecap", ["alt-text"]) is None
+    assert style_of("edgecap:latest", ["alt-text"]) is None
+    assert style_of("edgecap:alt-text", ["alt-text"]) == "alt-text"
+    for model, status in (("edgecap:poem", 404), ("llava:7b", 404), (None, 400), ("", 400)):
+        with pytest.raises(CompatError) as caught:
+            style_of(model, ["alt-text"])
+        assert caught.value.status == status and caught.value.param == "model"
+
+
+@pytest.mark.parametrize("reference,kind", [
+    ("https://camera.local/snapshot.jpg", "remote_image"),
+    ("FTP://10.0.0.1/x.jpg", "remote_image"),
+    ("data:image/jpeg,%FF%D8", "bad_image"),  # a data URL that is not base64
+    ("data:image/jpeg;base64,a$b=", "bad_base64"),
+    (42, "bad_image"),
+])
+def test_inline_image_refusals(reference, kind):
+    with pytest.raises(CompatError) as caught:
+        inline_image(reference, "images[0]")
+    assert caught.value.status == 400 and caught.value.kind == kind
+    assert caught.value.message.startswith("images[0]")
+
+
+def test_inline_image_accepts_wrapped_base64():
+    text = base64.encodebytes(b"\xff\xd8 jpeg bytes").decode()  # line breaks every 76 chars
+    assert inline_image("data:image/jpeg;base64," + text, "x") == b"\xff\xd8 jpeg bytes"
+    assert inline_image(text, "x") == b"\xff\xd8 jpeg bytes"
