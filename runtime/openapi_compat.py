@@ -68,6 +68,11 @@ def _get(summary: str, answer: str) -> dict[str, Any]:
 
 COMPAT_PATHS: dict[str, Any] = {
     "/v1/models": _get("OpenAI: the served model ids", "{object: list, data: [...]}"),
+    "/v1/models/{model}": {"get": {
+        "summary": "OpenAI: one served model id",
+        "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STRING}],
+        "responses": {"200": {"description": "{id, object: model, ...}"},
+                      "404": {"description": "a model this server does not serve"}}}},
     "/v1/chat/completions": _post(
         "OpenAI Chat Completions subset: caption the images of the last user message",
         _CHAT_REQUEST, "chat.completion, or server-sent chunks ending with data: [DONE]"),

@@ -347,7 +347,8 @@ def _middleware(settings: Settings, on_reject) -> list[Middleware]:
         layers.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                     allow_methods=["GET", "POST"],
                                     allow_headers=["Authorization", "Content-Type"],
-                                    expose_headers=["Retry-After"], max_age=600))
+                                    expose_headers=["Retry-After", "X-Edgecap-Prompt"],
+                                    max_age=600))
     return layers
 
 
