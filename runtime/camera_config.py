@@ -34,11 +34,12 @@ ALERT_KEYS = ("name", "match", "regex", "min_score", "cameras", "between", "cool
               "command_timeout_s", "mqtt", "webhook")
 BROKER_KEYS = ("host", "port", "username", "password_env", "password_file", "client_id",
                "keepalive_s", "tls", "ca_file", "reconnect_max_s")
-MQTT_KEYS = (*BROKER_KEYS, "topic", "state_topic")
+MQTT_KEYS = (*BROKER_KEYS, "topic", "state_topic", "discovery", "discovery_prefix", "node_id")
 ALERT_MQTT_KEYS = (*BROKER_KEYS, "topic", "retain")
 WEBHOOK_KEYS = ("url", "url_env", "url_file", "headers", "headers_env", "headers_file",
                 "timeout_s", "retries", "backoff_s")
 CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in MQTT topics, file names, labels
+NODE_ID = re.compile(r"[A-Za-z0-9_-]+")  # what Home Assistant's discovery topics allow
 
 
 class ConfigError(EdgecapError, ValueError):
@@ -81,6 +82,9 @@ class WatchConfig:
     max_disk_mb: float | None = None
     mqtt: MqttBroker | None = None  # [mqtt]: the default broker of alerts and camera state
     state_topic: str | None = None  # [mqtt] state_topic: PREFIX/CAMERA/state, retained
+    discovery: bool = False  # [mqtt] discovery: announce entities to Home Assistant
+    discovery_prefix: str = "homeassistant"  # Home Assistant's discovery topic prefix
+    node_id: str | None = None  # this box in discovery topics (None: from the host name)
 
 
 class _KeyLines:
@@ -247,17 +251,36 @@ def _watch_config(top: _Table) -> WatchConfig:
     archive, snapshots = top.path("archive"), top.path("snapshots")
     if snapshots is not None and archive is None:
         raise top.error("snapshots", "needs archive (snapshots are kept with archived captions)")
-    broker, state_topic = None, None
+    broker, state_topic, discovery = None, None, {}
     if (mqtt := top.table("mqtt")) is not None:
         mqtt.only(MQTT_KEYS)
         broker, state_topic = _broker(mqtt, None), _topic(mqtt, "state_topic")
+        discovery = _discovery(mqtt, state_topic)
     cameras = [_camera(t) for t in _blocks(top, "camera", required=True)]
     _check_unique(top, cameras)
     names = tuple(camera.name for camera in cameras)
     alerts = [_alert(t, names, broker, mqtt) for t in _blocks(top, "alert", required=False)]
     return WatchConfig(path=top.source.path, cameras=cameras, alerts=alerts, archive=archive,
                        snapshots=snapshots, keep_days=top.number("keep_days"),
-                       max_disk_mb=top.number("max_disk_mb"), mqtt=broker, state_topic=state_topic)
+                       max_disk_mb=top.number("max_disk_mb"), mqtt=broker, state_topic=state_topic,
+                       **discovery)
+
+
+def _discovery(mqtt: _Table, state_topic: str | None) -> dict[str, Any]:
+    """``WatchConfig``'s Home Assistant discovery fields from ``[mqtt]`` (only those set)."""
+    values: dict[str, Any] = {}
+    if mqtt.get("discovery", bool, "true or false"):
+        if state_topic is None:
+            raise mqtt.error("discovery", "needs state_topic: the caption sensors read "
+                             "PREFIX/CAMERA/state and availability PREFIX/status")
+        values["discovery"] = True
+    if (prefix := _topic(mqtt, "discovery_prefix")) is not None:
+        values["discovery_prefix"] = prefix.strip("/")
+    if (node_id := mqtt.text("node_id")) is not None:
+        if not NODE_ID.fullmatch(node_id):
+            raise mqtt.error("node_id", f"{node_id!r}: letters, digits, _ and - only")
+        values["node_id"] = node_id
+    return values
 
 
 def _blocks(top: _Table, key: str, required: bool) -> list[_Table]:

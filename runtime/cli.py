@@ -177,6 +177,9 @@ def _add_serve_limit_arguments(serve) -> None:
                         help="close an idle keep-alive connection after this (default 5)")
     limits.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
                         help="open connections before new ones get 503 (default 128)")
+    limits.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                        help="images in one request: multipart files, or the images of a chat "
+                        f"request (default {DEFAULT_MAX_IMAGES}; Frigate may send more frames)")
     limits.add_argument("--forwarded-allow-ips", metavar="IPS",
                         help="comma-separated proxy addresses (or networks) whose "
                         "X-Forwarded-For names the client; default: none, the header is "
@@ -201,6 +204,7 @@ def _add_serve_limit_arguments(serve) -> None:
 
 DEFAULT_RATE_LIMIT = 20.0  # requests/s per client on a non-loopback --host
 DEFAULT_RATE_BURST = 250  # above the demo page's 200 snapshots per search
+DEFAULT_MAX_IMAGES = 8
 
 
 def _cors_origin(text: str) -> str:
@@ -321,7 +325,8 @@ def _serve_settings(args: argparse.Namespace):
                     max_client_connections=args.max_client_connections,
                     max_image_pixels=_pixels(args.max_image_mp),
                     max_request_pixels=_pixels(args.max_request_mp),
-                    decode_pixels=_pixels(args.decode_mp))
+                    decode_pixels=_pixels(args.decode_mp),
+                    max_images=args.max_images)
 
 
 def _ip_list(text: str | None) -> tuple[str, ...]:

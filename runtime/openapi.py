@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .openapi_compat import COMPAT_PATHS
 from .options import openapi_form_properties, openapi_parameters
 
 
@@ -17,7 +18,8 @@ def openapi_document(archive: bool = False, api_keys: bool = False,
     image = {"type": "string", "format": "binary"}
     form = {"type": "object", "properties": {
         "image": {"type": "array", "items": image}, **_openapi30(openapi_form_properties())}}
-    paths = {"/v1/captions": {"post": _captions_operation(image, form)}, **HEALTH_PATHS}
+    paths = {"/v1/captions": {"post": _captions_operation(image, form)}, **HEALTH_PATHS,
+             **COMPAT_PATHS}
     if archive:
         paths.update(ARCHIVE_PATHS)
     document = {"openapi": "3.0.3",
@@ -29,7 +31,7 @@ def openapi_document(archive: bool = False, api_keys: bool = False,
                                                                  "scheme": "bearer"}}}
         keyed = ("/metrics",) if metrics_auth else ()
         document["paths"] = {path: {method: _keyed(op) for method, op in ops.items()}
-                             if path.startswith("/v1/") or path in keyed else ops
+                             if path.startswith(("/v1/", "/api/")) or path in keyed else ops
                              for path, ops in paths.items()}
     return document
 

@@ -41,6 +41,7 @@ MIN_KEY_CHARS = 16  # shorter keys are guessable online; `openssl rand -hex 32` 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/openapi.json")
 PROBE_PATHS = ("/healthz", "/readyz")  # never rate limited: an orchestrator polls them
+API_PREFIXES = ("/v1/", "/api/")  # edgecap's own and OpenAI's paths, and Ollama's
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -211,7 +212,7 @@ def _with_security_headers(send: Send, path: str) -> Send:
             headers = list(message.get("headers", []))
             names = {name.lower() for name, _ in headers}
             headers += [(k, v) for k, v in SECURITY_HEADERS if k not in names]
-            if path.startswith("/v1/") and b"cache-control" not in names:
+            if path.startswith(API_PREFIXES) and b"cache-control" not in names:
                 headers.append((b"cache-control", b"no-store"))  # captions of private images
             message = {**message, "headers": headers}
         await send(message)

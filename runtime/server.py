@@ -140,10 +140,14 @@ async def _stream_body(request: Request, limit: int) -> bytes | None:
 
 
 class Rejected(Exception):
-    """A request answered with an error response instead of captions."""
+    """A request answered with an error response instead of captions.
 
-    def __init__(self, response: JSONResponse):
-        self.response = response
+    ``status``, ``kind`` and ``detail`` let the compatible APIs answer in their own error shape.
+    """
+
+    def __init__(self, status: int, kind: str, detail: str, response: JSONResponse):
+        super().__init__(detail)
+        self.status, self.kind, self.detail, self.response = status, kind, detail, response
 
 
 class CaptionService:
@@ -162,7 +166,7 @@ class CaptionService:
         self.shares = CostShares(settings.max_client_cost)
 
     def reject(self, status: int, kind: str, message: str, headers=None) -> Rejected:
-        return Rejected(error(status, kind, message, self.metrics, headers))
+        return Rejected(status, kind, message, error(status, kind, message, self.metrics, headers))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -187,23 +191,59 @@ class CaptionService:
     async def captions(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
-            if not self.ready:
-                raise self.reject(503, "not_ready", "model is loading", {"Retry-After": "1"})
             params, uploads = await self._read_request(request)
-            try:
-                options = self.captioner.options(
-                    **{**self.settings.generation, **generation_from_fields(params)})
-            except OptionsError as exc:
-                raise self.reject(400, "bad_options", str(exc)) from None
-            async with self._share(request, request_cost(len(uploads), options)):
-                images = await self._decode(uploads)
-                results = await self._caption(images, options, [name for name, _ in uploads])
+            options = self.generation_options(params)
+            results = await self.caption_uploads(uploads, options, request)
         except Rejected as rejected:
             return rejected.response
-        self.metrics.requests.labels("200").inc()
-        self.metrics.latency.observe(time.perf_counter() - started)
+        self.count_success(started)
         payload = [result.to_record() for result in results]
         return JSONResponse(payload[0] if len(payload) == 1 else {"results": payload})
+
+    def generation_options(self, fields: dict[str, Any], cap_new_tokens: int | None = None):
+        """The options for one request: the service's defaults, overridden by option ``fields``.
+
+        ``cap_new_tokens`` lowers ``max_new_tokens`` to at most it (a client's token budget).
+
+        Raises:
+            Rejected: 503 while the model loads; 400 for options that do not parse.
+        """
+        if not self.ready:
+            raise self.reject(503, "not_ready", "model is loading", {"Retry-After": "1"})
+        try:
+            values = {**self.settings.generation, **generation_from_fields(fields)}
+            options = self.captioner.options(**values)
+            if cap_new_tokens is not None and cap_new_tokens < options.max_new_tokens:
+                min_new = min(options.min_new_tokens, cap_new_tokens)
+                options = self.captioner.options(**{**values, "max_new_tokens": cap_new_tokens,
+                                                    "min_new_tokens": min_new})
+        except OptionsError as exc:
+            raise self.reject(400, "bad_options", str(exc)) from None
+        return options
+
+    async def caption_uploads(self, uploads: list[tuple[str, bytes]], options,
+                              request: Request) -> list:
+        """Decode and caption ``[(name, image bytes)]`` through the micro-batcher, in order.
+
+        Every route that captions goes through here, so each gets the same limits and errors.
+
+        Raises:
+            Rejected: no image or too many (400), an undecodable image (422), a full queue
+                (503), no caption within the timeout (504).
+        """
+        if not uploads:
+            raise self.reject(400, "bad_request", "no image in the request")
+        if len(uploads) > self.settings.max_images:
+            raise self.reject(400, "bad_request",
+                              f"at most {self.settings.max_images} images per request")
+        async with self._share(request, request_cost(len(uploads), options)):
+            images = await self._decode(uploads)
+            return await self._caption(images, options, [name for name, _ in uploads])
+
+    def count_success(self, started: float) -> None:
+        """Metrics for a request answered with captions (``started``: its perf_counter)."""
+        self.metrics.requests.labels("200").inc()
+        self.metrics.latency.observe(time.perf_counter() - started)
 
     async def _read_request(self, request: Request) -> tuple[dict, list[tuple[str, bytes]]]:
         """(option fields, [(name, image bytes)]) from a raw-image or multipart request."""
@@ -231,8 +271,6 @@ class CaptionService:
             uploads.append(("body", body))
         if not uploads:
             raise self.reject(400, "bad_request", "no image: send it as the body or a form file")
-        if len(uploads) > self.settings.max_images:
-            raise self.reject(400, "bad_request", f"at most {self.settings.max_images} images per request")
         return params, uploads
 
     @contextlib.asynccontextmanager
@@ -314,7 +352,8 @@ class CaptionService:
 
 
 def create_app(settings: Settings) -> Starlette:
-    """The Starlette app; with ``settings.archive``, the archive's search endpoints too.
+    """The Starlette app: ``/v1/captions``, the OpenAI- and Ollama-compatible endpoints, and
+    with ``settings.archive`` the archive's search endpoints too.
 
     Raises:
         ArchiveError: the archive cannot be opened (before the server binds its port).
@@ -326,6 +365,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", service.prometheus), Route("/openapi.json", service.openapi),
         Route("/", service.demo),
     ]
+    # Imported here: the compatible APIs build on this module's service.
+    from .compat_ollama import OllamaRoutes
+    from .compat_openai import OpenAIRoutes
+
+    routes += OpenAIRoutes(service).routes() + OllamaRoutes(service).routes()
     if settings.archive is not None:
         from .archive_routes import ArchiveRoutes
 
@@ -348,7 +392,8 @@ def _middleware(settings: Settings, on_reject) -> list[Middleware]:
         layers.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                     allow_methods=["GET", "POST"],
                                     allow_headers=["Authorization", "Content-Type"],
-                                    expose_headers=["Retry-After"], max_age=600))
+                                    expose_headers=["Retry-After", "X-Edgecap-Prompt"],
+                                    max_age=600))
     return layers
 
 

@@ -184,6 +184,8 @@ def _camera_outputs(args: argparse.Namespace, config, feeds) -> list | None:
         extra.append(lambda: AlertOutput(config))
     if args.metrics_port:
         extra.append(lambda: MetricsOutput(config, feeds, args.metrics_port))
+    if config.discovery:
+        extra.append(lambda: DiscoveryOutput(config))
     outputs = open_outputs(merged, "", tuple(extra))
     alerts = [o for o in outputs or [] if isinstance(o, AlertOutput)]
     for metrics in (o for o in outputs or [] if isinstance(o, MetricsOutput)):
@@ -205,6 +207,22 @@ class AlertOutput:
 
     def close(self) -> None:
         self.alerts.close()
+
+
+class DiscoveryOutput:
+    """Announces the cameras and alert rules to Home Assistant (MQTT discovery); takes no
+    records: the entities read the state and alert topics themselves."""
+
+    def __init__(self, config):
+        from .ha_discovery import Discovery
+
+        self.discovery = Discovery(config)
+
+    def add(self, record) -> None:
+        pass
+
+    def close(self) -> None:
+        self.discovery.close()
 
 
 class MetricsOutput:
