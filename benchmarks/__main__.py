@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .environment import environment
 from .models import ensure_exports
 from .worker import NEW_TOKENS
 
@@ -313,6 +314,7 @@ def main(argv=None) -> int:
         "systems": {r["system"]: {k: r[k] for k in ("size_bytes", "peak_rss_mb", "cold_start_s")}
                     for r in reports},
         "wall_s": time.perf_counter() - started,
+        "environment": environment(len(os.sched_getaffinity(0))),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{date}-{result['machine']}{args.tag}"

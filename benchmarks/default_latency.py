@@ -50,6 +50,9 @@ def main(argv=None) -> int:
                 "decoder_ms_p50": float(np.median([t["decoder_ms"] for t in parts[name]])),
                 "images": len(values),
             }
+    from .environment import environment
+
+    report["environment"] = environment()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({str(model): {k: v for k, v in entry.items() if k != "photos"}}),
               flush=True)
     if args.out:
+        from .environment import environment
+
+        report["environment"] = environment()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -29,6 +29,16 @@ def smoke_run(tmp_path_factory) -> tuple[dict, Path, Path]:
     return json.loads(result_file.read_text()), out, work / "tiny"
 
 
+def test_result_records_what_it_was_measured_on(smoke_run):
+    result, _, _ = smoke_run
+    env = result["environment"]
+    assert len(env["edgecap_commit"].split("+")[0]) == 40
+    for library in ("python", "onnxruntime", "numpy", "torch", "transformers", "optimum"):
+        assert env["versions"][library], library
+    assert env["cpu"]["model"] and isinstance(env["cpu"]["flags"], list)
+    assert env["threads"]["requested"] >= 1 and env["threads"]["cores_available"] >= 1
+
+
 def test_fp32_systems_emit_identical_tokens(smoke_run):
     result, _, _ = smoke_run
     assert result["equal_work"] == {case: {"pytorch": True, "optimum-fp32": True, "edgecap-fp32": True}
