@@ -27,6 +27,7 @@ from .train_data import feature_cache_dir
 
 LABELS = tuple(PRESENCE_WORDS)
 GATED = ("person",)  # labels whose words decoding bans below the threshold
+MIN_DEV_POSITIVES = 30  # fewer positives on a dev split say nothing about its recall
 TAG_COUNT = 5  # ImageNet classes each result lists
 IMAGENET_LABELS = Path(__file__).with_name("imagenet_labels.txt")
 
@@ -41,6 +42,9 @@ class PresenceHeads(nn.Module):
         self.linear = nn.Linear(channels, len(self.labels))
         self.thresholds = dict(thresholds or {label: 0.5 for label in self.labels})
         self.gates = [g for g in gates if g in self.labels]
+        # The head probabilities each threshold stands for before they were folded into the
+        # biases (recorded for the model card and for re-picking them); empty: not folded.
+        self.operating_points: dict[str, float] = {}
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(pooled)
@@ -81,7 +85,8 @@ def write_grounding(encoder_graph: nn.Module, encoder_file: Path, pixels: torch.
                          f"tag ids {got[1].tolist()} vs {want[1].tolist()})")
     (out_dir / "tag_labels.json").write_text(json.dumps(imagenet_labels()))
     return {"presence_labels": list(heads.labels), "thresholds": dict(heads.thresholds),
-            "gates": list(heads.gates), "tag_labels_file": "tag_labels.json",
+            "gates": list(heads.gates), "operating_points": dict(heads.operating_points),
+            "tag_labels_file": "tag_labels.json",
             "tag_count": TAG_COUNT, "parity_max_abs_presence_diff": presence_diff}
 
 
@@ -184,14 +189,21 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL) -> dict:
+def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL,
+                   overrides: dict[str, float] | None = None) -> dict:
     """Fit the heads for ``run_dir`` and write presence.pt and presence.json into it.
+
+    ``overrides``: operating points (head probabilities) to use instead of the recall rule, e.g.
+    ones chosen on dev captions, where the gate's effect is measured (see docs/grounding.md).
 
     Returns:
         The presence.json record: labels, thresholds, gated labels, and per split and folder
         the recall, false-positive rate and AUC of each label.
     """
     run_dir = Path(run_dir)
+    unknown = sorted(set(overrides or {}) - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown presence labels {', '.join(unknown)} (known: {', '.join(LABELS)})")
     sources, cache_root, backbone = run_sources(run_dir)
     parts = {}
     for source in sources:
@@ -205,12 +217,20 @@ def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL) ->
         with torch.no_grad():
             return torch.sigmoid(heads(torch.from_numpy(feats))).numpy()
 
+    devs = [parts[(s.name, "dev")] for s in sources if len(parts[(s.name, "dev")][0])]
     thresholds = {}
     for i, label in enumerate(LABELS):
-        # The strictest dev split decides: every folder keeps the recall target.
-        per_folder = [recall_threshold(score(parts[(s.name, "dev")][0])[:, i],
-                                       parts[(s.name, "dev")][1][:, i], target_recall)
-                      for s in sources if len(parts[(s.name, "dev")][0])]
+        if label in (overrides or {}):
+            thresholds[label] = overrides[label]
+            continue
+        # The strictest dev split with enough positives to measure recall on decides; too few
+        # anywhere: the pooled dev splits; still too few: the balanced heads' own 0.5.
+        per_folder = [recall_threshold(score(f)[:, i], y[:, i], target_recall)
+                      for f, y in devs if y[:, i].sum() >= MIN_DEV_POSITIVES]
+        if not per_folder and devs:
+            feats, labels = np.concatenate([f for f, _ in devs]), np.concatenate([y for _, y in devs])
+            if labels[:, i].sum() >= MIN_DEV_POSITIVES:
+                per_folder = [recall_threshold(score(feats)[:, i], labels[:, i], target_recall)]
         thresholds[label] = round(min(per_folder), 4) if per_folder else 0.5
     # Fold each operating point into its head's bias: a score of 0.5 then means "present" for
     # every label, so alert rules, searches and the gate share one meaning of the number.
@@ -241,6 +261,7 @@ def load_presence(model_dir: Path) -> tuple[PresenceHeads, dict] | None:
                           gates=tuple(record.get("gates", GATED)))
     heads.load_state_dict(torch.load(model_dir / "presence.pt", map_location="cpu",
                                      weights_only=True))
+    heads.operating_points = dict(record.get("operating_points", {}))
     return heads.eval(), record
 
 
@@ -251,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        record = train_presence(args.run, args.target_recall)
+        record = train_presence(args.run, args.target_recall, dict(args.operating_point or []))
     except (OSError, ValueError, KeyError) as exc:
         print(f"edgecap: train-presence failed: {exc}", file=sys.stderr)
         return 1

@@ -19,4 +19,20 @@ def add_presence_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path,
                         help="output folder of an `edgecap train --no-tune-encoder-head` run")
     parser.add_argument("--target-recall", type=float, default=TARGET_RECALL,
-                        help="recall every dev split keeps at the chosen thresholds")
+                        help="recall every dev split (with enough positives) keeps at the chosen "
+                        "thresholds")
+    parser.add_argument("--operating-point", type=label_probability, action="append",
+                        metavar="LABEL=P", help="use this head probability as LABEL's threshold "
+                        "instead (e.g. person=0.3, chosen on dev captions); repeatable")
+
+
+def label_probability(text: str) -> tuple[str, float]:
+    """``person=0.3`` -> ("person", 0.3)."""
+    label, sep, value = text.partition("=")
+    try:
+        probability = float(value)
+    except ValueError:
+        probability = -1.0
+    if not sep or not label or not 0.0 < probability < 1.0:
+        raise argparse.ArgumentTypeError(f"expected LABEL=P with P between 0 and 1, got {text!r}")
+    return label.strip(), probability

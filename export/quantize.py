@@ -44,7 +44,6 @@ log = logging.getLogger("edgecap.export")
 MODES = ("none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16")
 BLOCK_MODES = {"int4": 4, "int8-block": 8}  # MatMulNBits modes and their bits per weight
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # the MatMulNBits block sizes ONNX Runtime supports
-COPIED_FILES = ("tokenizer.json", "id_map.json")
 
 
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
@@ -124,7 +123,7 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
             info["excluded_nodes"] = list(exclude_nodes)
         if not quantize_encoder:
             info["encoder"] = "fp32"
-        for name in COPIED_FILES:
+        for name in manifest.companion_files():
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
         info["fp32_bytes"] = _size(encoder_in) + _size(decoder_in)

@@ -165,6 +165,11 @@ class Manifest:
             return prefix_decoder_input_names(self.num_layers)
         return decoder_input_names(self.num_layers)
 
+    def companion_files(self) -> list[str]:
+        """The files besides the two graphs that the export needs: tokenizer, id map, tag names."""
+        files = [self.tokenizer_file, self.id_map_file, self.grounding.get("tag_labels_file")]
+        return [name for name in files if name]
+
     def start_token(self, style: str | None) -> int:
         """The decoder's first token for ``style`` (None: the model's default)."""
         if style is None:
