@@ -63,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t:.2f} " + "  ".join(f"{n}: false alarms {fa:.3f} recall {r:.3f}"
                                       for n, (fa, r) in by_folder.items()), file=sys.stderr)
     ok = [t for t, by in rows.items() if all(r >= args.target_recall for _, r in by.values())]
-    best = max(ok) if ok else float(grid[0])
+    if not ok:
+        print(f"no threshold keeps recall {args.target_recall} on every folder, even ungated: "
+              "the decoder itself names too few people", file=sys.stderr)
+        return 1
+    best = max(ok)
     # The export's scores are folded (0.5 = its current operating point): map back to the head's
     # own probability, which train-presence takes.
     current = captioner.manifest.grounding.get("operating_points", {}).get("person")
-    raw = None
+    raw = best  # unfolded heads: the scores are the heads' own probabilities
     if current is not None:
         logit = math.log(best / (1 - best)) + math.log(current / (1 - current))
         raw = round(1 / (1 + math.exp(-logit)), 4)

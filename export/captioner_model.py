@@ -221,12 +221,13 @@ def build_decoder(
     return GPT2LMHeadModel(config)
 
 
-def load_trained(model_dir: str | Path) -> tuple[FeatureEncoder, GPT2LMHeadModel, list[int]]:
+def load_trained(model_dir: str | Path, with_presence: bool = False) -> tuple[FeatureEncoder, GPT2LMHeadModel, list[int]]:
     """Load a `train()` output dir: (encoder, decoder, id_map), both models in eval mode.
 
     Returns:
         encoder: FeatureEncoder (a PrefixEncoder for a prefix run) with weights from
-            `encoder.pt`.
+            `encoder.pt`; with ``with_presence``, also the presence heads of `presence.pt`
+            (export only: training and SCST keep them out of the weights they save).
         decoder: GPT2LMHeadModel from `decoder/`.
         id_map: list, pruned token id -> GPT-2 token id.
     """
@@ -237,10 +238,11 @@ def load_trained(model_dir: str | Path) -> tuple[FeatureEncoder, GPT2LMHeadModel
     encoder = build_encoder(spec, decoder.config.n_embd, pretrained_backbone=False)
     state = torch.load(model_dir / "encoder.pt", map_location="cpu", weights_only=True)
     encoder.load_state_dict(state)
-    from .grounding import load_presence
+    if with_presence:
+        from .grounding import load_presence
 
-    presence = load_presence(model_dir)  # fitted by `edgecap train-presence`, when it was run
-    if presence is not None:
-        encoder.presence = presence[0]
+        presence = load_presence(model_dir)  # fitted by `edgecap train-presence`, if it was run
+        if presence is not None:
+            encoder.presence = presence[0]
     id_map = json.loads((model_dir / "id_map.json").read_text())
     return encoder.eval(), decoder.eval(), id_map

@@ -31,7 +31,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, check_step
     for name in ("encoder.pt", "decoder", "id_map.json", "tokenizer.json", "preprocess.json"):
         if not (ckpt / name).exists():
             raise ExportError(f"{ckpt}: not a training checkpoint (missing {name})")
-    encoder, decoder, id_map = load_trained(ckpt)
+    encoder, decoder, id_map = load_trained(ckpt, with_presence=True)
     pre = json.loads((ckpt / "preprocess.json").read_text())
     height, width = pre["size"]
     preprocessing = Preprocessing(

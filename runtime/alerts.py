@@ -134,14 +134,15 @@ class AlertRule:
             object.__setattr__(self, "name", self.match or self.regex or scores)
 
     def scores_met(self, record: Mapping[str, Any]) -> bool:
-        """Whether every ``min_score`` label is among the record's tags with a high enough score."""
+        """Whether every ``min_score`` label is among the record's tags with a high enough score
+        (labels compare case-insensitively, as in the archive's ``tag:`` searches)."""
         if not self.min_score:
             return True
         tags = record.get("tags")
-        found = {t.get("label"): t.get("score") for t in tags if isinstance(t, dict)} \
-            if isinstance(tags, list) else {}
-        return all(isinstance(found.get(label), (int, float)) and found[label] >= low
-                   for label, low in self.min_score)
+        found = {str(t.get("label")).lower(): t.get("score") for t in tags
+                 if isinstance(t, dict)} if isinstance(tags, list) else {}
+        return all(isinstance(found.get(label.lower()), (int, float))
+                   and found[label.lower()] >= low for label, low in self.min_score)
 
     def watches(self, camera: str) -> bool:
         """Whether captions of ``camera`` are checked by this rule."""

@@ -457,7 +457,8 @@ class Archive:
             query: FTS5 syntax: ``person door`` (both words), ``"red car"`` (phrase),
                 ``dog OR cat``, ``person NOT dog``, ``walk*`` (prefix); and tag terms, each
                 a condition on the caption's tags: ``tag:person`` (score at least 0.5, a
-                grounded model's "present"), ``tag:person>=0.8``, ``tag:"space shuttle"``.
+                grounded model's "present"), ``tag:person>=0.8``, ``tag:"space shuttle">=0.2``
+                (an ImageNet class's probability).
                 A query of tag terms alone lists the newest captions that meet them.
             camera: only this camera's captions.
             since: only captions at or after this wall-clock time (datetime, epoch or ISO).
@@ -501,7 +502,7 @@ class Archive:
         else:  # tags alone: nothing to rank, newest first
             sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, 0.0 AS rank, c.wall_ts AS ts "
                    f"FROM captions AS c WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?) "
-                   "LIMIT ?")
+                   "ORDER BY id DESC LIMIT ?")
         conn = self._reader()
         try:
             with budget(conn, limits) if limits else nullcontext():
@@ -679,6 +680,9 @@ def _unlink(path: str) -> int:
 
 def _query_error(query: str, exc: sqlite3.Error) -> str:
     text = str(exc)
+    if "no such table: captions_tags" in text:
+        return (f"search query {query!r}: this archive predates tags (schema 1); it gains them "
+                "the next time a watcher (or any writer) opens it")
     if "fts5" in text or "syntax" in text or "no such column" in text:
         return (f"search query {query!r}: {text}; put words with punctuation in double quotes, "
                 'e.g. "t-shirt"')

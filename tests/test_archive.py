@@ -429,6 +429,10 @@ def test_version_1_archive_gains_tags_when_opened_to_write(tmp_path):
     with sqlite3.connect(path) as conn:  # what an archive written before tags looked like
         conn.executescript("DROP TABLE captions_tags; DROP TRIGGER captions_tags_ad; "
                            "PRAGMA user_version = 1;")
+    with Archive.open(path, readonly=True) as archive:  # a reader does not upgrade it
+        with pytest.raises(ArchiveError, match="predates tags"):
+            archive.search("tag:person")
+        assert captions(archive.search("man")) == ["a man at the door"]
     with Archive.open(path) as archive:
         archive.add(record("a man at the gate", 1, tags=tagged(0.9)))
         assert captions(archive.search("tag:person")) == ["a man at the gate"]

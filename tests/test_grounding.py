@@ -113,7 +113,7 @@ def test_grounded_export_writes_tags_and_keeps_generate_parity(gated_export, gro
     assert captioner.caption(no).tag_score("person") < 0.01
 
     # Ungated, the runtime's tokens equal transformers generate() over the same tokens.
-    encoder, decoder, id_map = load_trained(out.parent / "run")
+    encoder, decoder, id_map = load_trained(out.parent / "run", with_presence=True)
     pixels = torch.from_numpy(preprocess_batch([load_image(p) for p in (yes, no)],
                                                manifest.preprocessing))
     with torch.no_grad():
@@ -186,6 +186,8 @@ def test_person_rules_do_not_fire_on_the_scene_the_head_calls_empty(gated_export
     rule = AlertRule(min_score=(("person", 0.5),), targets=(CommandTarget(("true",)),))
     assert not rule.scores_met({"generated_text": "a man", "tags": []})
     assert rule.name == "person>=0.5"
+    shouting = AlertRule(min_score=(("PERSON", 0.5),), targets=(CommandTarget(("true",)),))
+    assert shouting.scores_met({"tags": [{"label": "person", "score": 0.9}]})
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -229,3 +231,23 @@ def test_front_ends_write_the_same_tags_and_honour_the_gate_option(gated_export,
         assert status == 400 and "presence_gate" in json.dumps(body)
     finally:
         assert server.stop() == 0
+
+
+def test_scst_on_a_grounded_run_keeps_heads_out_of_its_weights_and_exports(grounded_run,
+                                                                          tmp_path):
+    """SCST (with the person penalty) starts from a run that has presence heads; its output
+    loads, takes its own heads from train-presence, and exports grounded."""
+    from edgecap import Captioner
+    from edgecap.export.grounding import train_presence
+    from edgecap.export.scst import ScstConfig, scst_train
+    from edgecap.export.trained_export import export_checkpoint
+
+    out = tmp_path / "scst"
+    scst_train(ScstConfig(grounded_run, out, steps=2, lr=1e-4, samples=2, images_per_step=2,
+                          eval_every=2, log_every=0, person_penalty=0.5))
+    state = torch.load(out / "encoder.pt", weights_only=True)
+    assert not any(key.startswith("presence.") for key in state)
+    train_presence(out)
+    export_checkpoint(out, tmp_path / "export")
+    captioner = Captioner(tmp_path / "export")
+    assert captioner.grounding is not None and captioner.grounding.gates
