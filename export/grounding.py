@@ -161,6 +161,15 @@ def recall_threshold(scores: np.ndarray, positive: np.ndarray, target: float) ->
     return float(pos[allowed_misses])
 
 
+def youden_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The threshold with the largest recall minus false-positive rate."""
+    order = np.argsort(-scores, kind="mergesort")
+    hits = positive[order] > 0
+    recall = np.cumsum(hits) / max(1, hits.sum())
+    false_positive = np.cumsum(~hits) / max(1, (~hits).sum())
+    return float(scores[order][int(np.argmax(recall - false_positive))])
+
+
 def split_report(scores: np.ndarray, labels: np.ndarray, thresholds: dict[str, float]) -> dict:
     """Per label: images, positives, recall and false-positive rate at its threshold, and AUC."""
     report = {}
@@ -218,12 +227,25 @@ def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL,
             return torch.sigmoid(heads(torch.from_numpy(feats))).numpy()
 
     devs = [parts[(s.name, "dev")] for s in sources if len(parts[(s.name, "dev")][0])]
+    pooled = [np.concatenate([f for f, _ in group]) for group in (devs, train)], \
+        [np.concatenate([y for _, y in group]) for group in (devs, train)]
     thresholds = {}
     for i, label in enumerate(LABELS):
         if label in (overrides or {}):
             thresholds[label] = overrides[label]
             continue
-        # The strictest dev split with enough positives to measure recall on decides; too few
+        if label not in GATED:
+            # Only scores and alerts read it: the threshold that best separates the label
+            # (Youden's J), on the pooled dev splits, or the training splits when dev has too
+            # few positives.
+            for feats, labels in zip(*pooled):
+                if labels[:, i].sum() >= MIN_DEV_POSITIVES:
+                    thresholds[label] = round(youden_threshold(score(feats)[:, i], labels[:, i]), 4)
+                    break
+            else:
+                thresholds[label] = 0.5
+            continue
+        # Gated: the strictest dev split with enough positives to measure recall on decides; too few
         # anywhere: the pooled dev splits; still too few: the balanced heads' own 0.5.
         per_folder = [recall_threshold(score(f)[:, i], y[:, i], target_recall)
                       for f, y in devs if y[:, i].sum() >= MIN_DEV_POSITIVES]

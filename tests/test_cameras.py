@@ -128,6 +128,7 @@ def test_files_through_one_config_end_when_every_file_has_ended(tiny_export, vid
 def test_config_errors_name_file_line_and_key(tiny_export, videos, tmp_path, capsys):
     config = tmp_path / "cameras.toml"
     config.write_text(f'[[camera]]\nname = "door"\nsource = "{videos["door"]}"\nfsp = 2\n')
+    config.chmod(0o600)  # owner-only, as the docs ask: no readability warning beside the error
     assert main(["watch", "--config", str(config), "--model", str(tiny_export)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{config}:4" in err[0] and "fsp" in err[0], err
