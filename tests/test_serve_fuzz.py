@@ -73,4 +73,6 @@ def test_fuzz_from_the_openapi_document(fuzzed):
     assert 200 in statuses and {400, 422} & set(statuses), sorted(set(statuses))
     # The key was sent with every request (negative cases may spoil the Authorization header).
     assert statuses.count(401) < len(statuses) / 4, statuses
-    assert time.monotonic() - started < 60, statuses
+    # A hang guard, not a speed target: the fuzz covers every documented route now, and a loaded
+    # runner is slow.
+    assert time.monotonic() - started < 300, statuses
