@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     images = None
     if args.calibration is not None:
-        from .quantize import _calibration_images
+        from .calibration import calibration_images
 
-        images = _calibration_images(args.calibration, args.calibration_count)
+        images = calibration_images(args.calibration, args.calibration_count)
     print(json.dumps(make_batch_invariant(args.model, images, args.calibrate_encoder)))
     return 0
 

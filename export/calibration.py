@@ -70,3 +70,14 @@ def calibration_readers(fp32_dir: Path, images: list[Path]) -> tuple[ListReader,
         greedy_search(recorder, runner.encode(pixels), options, manifest.decoder_start_token_id,
                       manifest.eos_token_id)
     return ListReader(encoder_feeds), ListReader(recorder.feeds)
+
+
+def calibration_images(folder: Path | None, count: int) -> list[Path]:
+    """The first ``count`` images of ``folder`` (recursively, sorted by path)."""
+    if folder is None or not Path(folder).is_dir():
+        raise ValueError("int8-static needs --calibration DIR: a folder of representative images")
+    suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+    images = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)[:count]
+    if not images:
+        raise ValueError(f"{folder}: no images for calibration")
+    return images

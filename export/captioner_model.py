@@ -105,7 +105,7 @@ class FeatureEncoder(nn.Module):
         """Tokens and the grounding outputs export adds to the encoder graph, from one backbone
         pass: (B, S, d) tokens, then presence probabilities (B, labels) when heads are fitted,
         the top ImageNet class ids (B, k) and their probabilities (B, k)."""
-        from .grounding import grounding_outputs
+        from .presence_heads import grounding_outputs
 
         features = self.backbone_features(pixel_values)
         return self.project(features), grounding_outputs(self, features)
@@ -239,7 +239,7 @@ def load_trained(model_dir: str | Path, with_presence: bool = False) -> tuple[Fe
     state = torch.load(model_dir / "encoder.pt", map_location="cpu", weights_only=True)
     encoder.load_state_dict(state)
     if with_presence:
-        from .grounding import load_presence
+        from .presence_heads import load_presence
 
         presence = load_presence(model_dir)  # fitted by `edgecap train-presence`, if it was run
         if presence is not None:

@@ -269,7 +269,7 @@ def export_captioner(
         _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", layers)
         grounding = {}
         if encoder_graph.grounded:
-            from .grounding import write_grounding
+            from .presence_heads import write_grounding
 
             grounding = write_grounding(encoder_graph, staging / "encoder.onnx", pixels, staging)
         decoder_kind = _write_decoder(lm_model, staging / "decoder.onnx", fused, encoder_seq_len)

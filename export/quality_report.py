@@ -155,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecap.batch import expand_inputs
+    from edgecap.caption_io import expand_inputs
     from edgecap.options import generation_from_args
 
     references = None

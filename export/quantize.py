@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from edgecap.manifest import Manifest
 from onnx import helper, numpy_helper
 
-from edgecap.manifest import Manifest
+from .calibration import calibration_images
 
 log = logging.getLogger("edgecap.export")
 
@@ -103,7 +104,7 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
         elif mode == "int8-static":
             from .calibration import calibration_readers
 
-            images = _calibration_images(calibration, calibration_count)
+            images = calibration_images(calibration, calibration_count)
             info["calibration"] = {"images": [p.name for p in images], "method": "minmax",
                                    "folder": str(calibration)}
             encoder_reader, decoder_reader = calibration_readers(src, images)
@@ -148,7 +149,7 @@ def _batch_invariant(staging: Path, mode: str, calibration: Path | None, count: 
     as the dynamic kernel), otherwise per-row (no data needed, slower at one row)."""
     from .batch_invariant import make_batch_invariant
 
-    images = _calibration_images(calibration, count) if mode == "int8-dynamic" and calibration else None
+    images = calibration_images(calibration, count) if mode == "int8-dynamic" and calibration else None
     make_batch_invariant(staging, images, calibrate_encoder)
     return Manifest.read(staging)
 
@@ -283,16 +284,6 @@ def _fp16(src: Path, dst: Path) -> None:
     # keep_io_types: graph inputs/outputs stay float32, so the runtime feeds the same arrays.
     converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
     onnx.save(converted, str(dst))
-
-
-def _calibration_images(folder: Path | None, count: int) -> list[Path]:
-    if folder is None or not Path(folder).is_dir():
-        raise ValueError("int8-static needs --calibration DIR: a folder of representative images")
-    suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-    images = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)[:count]
-    if not images:
-        raise ValueError(f"{folder}: no images for calibration")
-    return images
 
 
 def int8_conv_weights(path: Path) -> None:

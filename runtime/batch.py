@@ -9,18 +9,18 @@ recorded there, so an interrupted run resumes instead of starting over.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
 
+from .caption_io import completed_sources, emit_record, expand_inputs
 from .options import (
-    add_generation_arguments, add_runtime_arguments, generation_from_args, runtime_from_args,
+    add_generation_arguments,
+    add_runtime_arguments,
+    generation_from_args,
+    runtime_from_args,
 )
-from .preprocess import IMAGE_SUFFIXES
 
 
 def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,43 +35,6 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     from .distributed import add_ray_arguments  # argparse only: ray is imported with --ray
 
     add_ray_arguments(parser)
-
-
-def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Files as given; folders walked recursively for image suffixes; globs expanded. Sorted
-    within each pattern so runs are reproducible; duplicates kept once."""
-    seen: dict[str, None] = {}
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir() and path.suffix.lower() not in IMAGE_SUFFIXES:
-            found = sorted(
-                str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        elif not path.exists() and glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern, recursive=True))
-        else:
-            found = [pattern]  # missing files still get an error line
-        for item in found:
-            seen.setdefault(item, None)
-    return list(seen)
-
-
-def completed_sources(out: Path) -> set[str]:
-    """Inputs already recorded in ``out``; drops a torn last line left by a killed run."""
-    if not out.exists():
-        return set()
-    raw = out.read_bytes()
-    valid_end = raw.rfind(b"\n") + 1
-    if valid_end != len(raw):
-        with out.open("r+b") as handle:  # a half-written line from an interrupted run
-            handle.truncate(valid_end)
-    done = set()
-    for line in raw[:valid_end].splitlines():
-        try:
-            done.add(json.loads(line)["source"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return done
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -97,7 +60,7 @@ def run_caption(args: argparse.Namespace) -> int:
         for outcome in captioner.caption_stream(sources, batch_size=args.batch_size, **generation):
             record = outcome.to_record()
             counts[record["status"]] += 1
-            _emit(record, sink, args.json, many=len(sources) > 1)
+            emit_record(record, sink, args.json, many=len(sources) > 1)
             progress.update()
     finally:
         if sink:
@@ -111,19 +74,6 @@ def run_caption(args: argparse.Namespace) -> int:
     if sink is not None or counts["error"] or len(sources) > 1:
         print(f"edgecap: {summary}", file=sys.stderr)
     return 1 if counts["error"] else 0
-
-
-def _emit(record: dict, sink, as_json: bool, many: bool) -> None:
-    """One input's line: JSONL to --out and/or stdout, else plain text on stdout."""
-    line = json.dumps(record, ensure_ascii=False)
-    if sink:
-        sink.write(line + "\n")
-        sink.flush()
-    if as_json:
-        print(line, flush=True)
-    elif not sink:
-        text = record["generated_text"] if record["status"] == "ok" else f"ERROR: {record['error']}"
-        print(f"{record['source']}\t{text}" if many else text, flush=True)
 
 
 class Progress:

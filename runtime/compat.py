@@ -18,13 +18,16 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from .options import GENERATION_NAMES
 from .results import CaptionResult
-from .server import CaptionService, Rejected, read_body
+from .serve_requests import Rejected, read_body
+
+if TYPE_CHECKING:  # the server mounts these routes: no import back at run time
+    from .server import CaptionService
 
 MODEL_ID = "edgecap"
 LATEST_TAG = "latest"  # Ollama names a model without a tag NAME:latest

@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +34,9 @@ from .compat import (
     read_json,
     style_of,
 )
-from .server import CaptionService
+
+if TYPE_CHECKING:  # the server mounts these routes: no import back at run time
+    from .server import CaptionService
 
 # Options whose value would change what a real model answers and that a captioner cannot honour.
 # The others Ollama knows (temperature, top_k, seed, num_ctx, ...) steer sampling or llama.cpp's

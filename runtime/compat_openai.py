@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +34,9 @@ from .compat import (
     read_json,
     style_of,
 )
-from .server import CaptionService
+
+if TYPE_CHECKING:  # the server mounts these routes: no import back at run time
+    from .server import CaptionService
 
 
 def _set(value: Any) -> bool:

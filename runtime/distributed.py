@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .batch import _emit, completed_sources, expand_inputs
+from .caption_io import completed_sources, emit_record, expand_inputs
 from .errors import EdgecapError, ImageError
 from .options import check_generation, generation_from_args
 from .results import CaptionFailure
@@ -293,7 +293,7 @@ def write_lines(dataset: ray.data.Dataset, args: argparse.Namespace, many: bool
             for row in batch.to_pylist():
                 record = row_to_record(row)
                 counts[record["status"]] += 1
-                _emit(record, sink, args.json, many=many)
+                emit_record(record, sink, args.json, many=many)
     finally:
         if sink:
             sink.flush()

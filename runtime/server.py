@@ -42,6 +42,7 @@ from .errors import ImageError, OptionsError
 from .openapi import openapi_document
 from .options import generation_from_fields
 from .serve_fairness import CostShares, request_cost
+from .serve_requests import Rejected, read_body
 from .serve_security import Guard, Policy, SecurityConfigError, page_csp
 
 DEMO_PAGE = (Path(__file__).parent / "demo.html")
@@ -110,44 +111,6 @@ def error(status: int, kind: str, message: str, metrics: Metrics, headers=None) 
     metrics.errors.labels(kind).inc()
     metrics.requests.labels(str(status)).inc()
     return JSONResponse({"error": kind, "detail": message}, status_code=status, headers=headers)
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | None:
-    """The request body, or None as soon as it exceeds ``limit`` bytes.
-
-    Raises:
-        asyncio.TimeoutError: the body did not arrive within ``timeout_s`` (a client trickling
-            bytes would otherwise hold its connection and its memory forever).
-    """
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
-    body = await asyncio.wait_for(_stream_body(request, limit), timeout_s)
-    if body is None:
-        return None
-    request._body = body  # Starlette re-reads a cached body when parsing multipart forms
-    return body
-
-
-async def _stream_body(request: Request, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class Rejected(Exception):
-    """A request answered with an error response instead of captions.
-
-    ``status``, ``kind`` and ``detail`` let the compatible APIs answer in their own error shape.
-    """
-
-    def __init__(self, status: int, kind: str, detail: str, response: JSONResponse):
-        super().__init__(detail)
-        self.status, self.kind, self.detail, self.response = status, kind, detail, response
 
 
 class CaptionService:
