@@ -83,28 +83,26 @@ class DeviceGraphRunner(GraphRunner):
         small and feed one prefill)."""
         if self.prefix:
             return super().encode(pixel_values)
-        binding = self.encoder.io_binding()
-        binding.bind_cpu_input(PIXEL_VALUES, np.ascontiguousarray(pixel_values))
-        for name in self.encoder_names:
-            binding.bind_output(name, self.device)
-        self.encoder.run_with_iobinding(binding)
-        return [DeviceTensor(value) for value in binding.get_outputs()]
+        return self._run_encoder(pixel_values)
 
     def encode_grounded(self, pixel_values: np.ndarray) -> tuple[list, list[np.ndarray]]:
         """Cross K/V as device tensors, the (small) grounding outputs on the host."""
         if self.prefix:
             return super().encode_grounded(pixel_values)
+        values = self._run_encoder(pixel_values, GROUNDING_OUTPUTS)
+        layers = len(self.encoder_names)
+        return values[:layers], [np.array(v.value.numpy()) for v in values[layers:]]
+
+    def _run_encoder(self, pixel_values: np.ndarray, host_outputs: tuple[str, ...] = ()) -> list:
+        """Every cross K/V bound on the device, then ``host_outputs`` on the host, in order."""
         binding = self.encoder.io_binding()
         binding.bind_cpu_input(PIXEL_VALUES, np.ascontiguousarray(pixel_values))
         for name in self.encoder_names:
             binding.bind_output(name, self.device)
-        for name in GROUNDING_OUTPUTS:
+        for name in host_outputs:
             binding.bind_output(name, "cpu")
         self.encoder.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        layers = len(self.encoder_names)
-        return ([DeviceTensor(v) for v in values[:layers]],
-                [np.array(v.numpy()) for v in values[layers:]])
+        return [DeviceTensor(value) for value in binding.get_outputs()]
 
     def _empty_cache(self, rows: int) -> list[DeviceTensor]:
         m = self.manifest

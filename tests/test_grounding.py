@@ -217,6 +217,8 @@ def test_front_ends_write_the_same_tags_and_honour_the_gate_option(gated_export,
     out, yes, no = gated_export
     api = Captioner(out)
     gated, ungated = api.caption(no).to_record(), api.caption(no, presence_gate=False).to_record()
+    bound = Captioner(out, io_binding="on").caption(no).to_record()  # the device runner's path
+    assert bound["tags"] == gated["tags"] and bound["generated_text"] == gated["generated_text"]
     assert main(["caption", str(no), "--model", str(out), "--json"]) == 0
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli["tags"] == gated["tags"] and cli["generated_text"] == gated["generated_text"]
