@@ -137,6 +137,41 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def pool(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several splits' (features, labels) as one."""
+    return np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def pick_thresholds(score, devs: list, train: list, target_recall: float,
+                    overrides: dict[str, float]) -> dict[str, float]:
+    """Each label's operating point (a head probability), from ``score(features)``.
+
+    Gated labels: the strictest dev split with enough positives to measure recall on keeps
+    ``target_recall``; too few anywhere: the pooled dev splits; still too few: the balanced
+    heads' own 0.5. Labels only scores and alerts read: the threshold that best separates the
+    label (Youden's J) on the pooled dev splits, or the training splits when dev has too few
+    positives. ``overrides`` win over both.
+    """
+    pooled = [pool(group) for group in (devs, train) if group]
+    thresholds = {}
+    for i, label in enumerate(LABELS):
+        if label in overrides:
+            thresholds[label] = overrides[label]
+            continue
+        if label in GATED:
+            candidates = [recall_threshold(score(f)[:, i], y[:, i], target_recall)
+                          for f, y in devs if y[:, i].sum() >= MIN_DEV_POSITIVES]
+            if not candidates and devs and pooled[0][1][:, i].sum() >= MIN_DEV_POSITIVES:
+                feats, labels = pooled[0]
+                candidates = [recall_threshold(score(feats)[:, i], labels[:, i], target_recall)]
+            thresholds[label] = round(min(candidates), 4) if candidates else 0.5
+            continue
+        enough = [(f, y) for f, y in pooled if y[:, i].sum() >= MIN_DEV_POSITIVES]
+        thresholds[label] = round(youden_threshold(score(enough[0][0])[:, i],
+                                                   enough[0][1][:, i]), 4) if enough else 0.5
+    return thresholds
+
+
 def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL,
                    overrides: dict[str, float] | None = None) -> dict:
     """Fit the heads for ``run_dir`` and write presence.pt and presence.json into it.
@@ -166,33 +201,7 @@ def train_presence(run_dir: str | Path, target_recall: float = TARGET_RECALL,
             return torch.sigmoid(heads(torch.from_numpy(feats))).numpy()
 
     devs = [parts[(s.name, "dev")] for s in sources if len(parts[(s.name, "dev")][0])]
-    pooled = [np.concatenate([f for f, _ in group]) for group in (devs, train)], \
-        [np.concatenate([y for _, y in group]) for group in (devs, train)]
-    thresholds = {}
-    for i, label in enumerate(LABELS):
-        if label in (overrides or {}):
-            thresholds[label] = overrides[label]
-            continue
-        if label not in GATED:
-            # Only scores and alerts read it: the threshold that best separates the label
-            # (Youden's J), on the pooled dev splits, or the training splits when dev has too
-            # few positives.
-            for feats, labels in zip(*pooled):
-                if labels[:, i].sum() >= MIN_DEV_POSITIVES:
-                    thresholds[label] = round(youden_threshold(score(feats)[:, i], labels[:, i]), 4)
-                    break
-            else:
-                thresholds[label] = 0.5
-            continue
-        # Gated: the strictest dev split with enough positives to measure recall on decides; too few
-        # anywhere: the pooled dev splits; still too few: the balanced heads' own 0.5.
-        per_folder = [recall_threshold(score(f)[:, i], y[:, i], target_recall)
-                      for f, y in devs if y[:, i].sum() >= MIN_DEV_POSITIVES]
-        if not per_folder and devs:
-            feats, labels = np.concatenate([f for f, _ in devs]), np.concatenate([y for _, y in devs])
-            if labels[:, i].sum() >= MIN_DEV_POSITIVES:
-                per_folder = [recall_threshold(score(feats)[:, i], labels[:, i], target_recall)]
-        thresholds[label] = round(min(per_folder), 4) if per_folder else 0.5
+    thresholds = pick_thresholds(score, devs, train, target_recall, overrides or {})
     # Fold each operating point into its head's bias: a score of 0.5 then means "present" for
     # every label, so alert rules, searches and the gate share one meaning of the number.
     with torch.no_grad():

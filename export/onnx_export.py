@@ -266,12 +266,7 @@ def export_captioner(
         # module starts in training mode (dropout on), which would leak into the parity check.
         encoder_graph = EncoderGraph(encode, lm_model.transformer.h, heads).eval()
         log.info("exporting encoder graph (%d decoder layers' cross K/V)", layers)
-        _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", layers)
-        grounding = {}
-        if encoder_graph.grounded:
-            from .presence_heads import write_grounding
-
-            grounding = write_grounding(encoder_graph, staging / "encoder.onnx", pixels, staging)
+        grounding = _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", layers)
         decoder_kind = _write_decoder(lm_model, staging / "decoder.onnx", fused, encoder_seq_len)
         parity = check_parity(staging, pixels, reference, layers, special["decoder_start_token_id"],
                               config.vocab_size, steps=check_steps)
@@ -344,11 +339,18 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
         )
 
 
-def _export_encoder(graph: EncoderGraph, pixels: torch.Tensor, path: Path, layers: int) -> None:
+def _export_encoder(graph: EncoderGraph, pixels: torch.Tensor, path: Path, layers: int) -> dict:
+    """Write the encoder graph; returns the manifest's grounding section (empty unless the
+    encoder has presence heads, whose outputs are then checked and their tag names written)."""
     cross, _, _ = input_output_names(layers)
     outputs = cross + (list(GROUNDING_OUTPUTS) if graph.grounded else [])
     axes = {PIXEL_VALUES: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     _export(graph, (pixels,), path, [PIXEL_VALUES], outputs, axes)
+    if not graph.grounded:
+        return {}
+    from .presence_heads import write_grounding
+
+    return write_grounding(graph, path, pixels, path.parent)
 
 
 def _write_decoder(lm_model: nn.Module, path: Path, fused: bool, encoder_seq_len: int) -> str:

@@ -264,6 +264,34 @@ def split_tag_terms(query: str) -> tuple[str, list[tuple[str, float]]]:
     return words, tags
 
 
+def _search_sql(words: str, tags: list[tuple[str, float]], camera: str | None,
+                since_ts: float | None, until_ts: float | None) -> tuple[str, list]:
+    """A search's SQL and its filter parameters; the statement takes the FTS query (when there
+    are words), the id range, the filters, then the candidate and result limits."""
+    where = (["captions_fts MATCH ?", "captions_fts.rowid BETWEEN ? AND ?"] if words
+             else ["c.id BETWEEN ? AND ?"])
+    filters: list = []
+    for clause, value in (("c.camera = ?", camera), ("c.wall_ts >= ?", since_ts),
+                          ("c.wall_ts < ?", until_ts)):
+        if value is not None:
+            where.append(clause)
+            filters.append(value)
+    for label, low in tags:
+        where.append("EXISTS (SELECT 1 FROM captions_tags AS t WHERE t.label = ? "
+                     "AND t.caption_id = c.id AND t.score >= ?)")
+        filters += [label, low]
+    if not words:  # tags alone: nothing to rank, newest first
+        return (f"SELECT * FROM (SELECT {HIT_COLUMNS}, 0.0 AS rank, c.wall_ts AS ts "
+                f"FROM captions AS c WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?) "
+                "ORDER BY id DESC LIMIT ?"), filters
+    # Inner query: newest matches first, straight from the FTS index (CROSS JOIN keeps the FTS
+    # table outermost); outer query: rank those candidates.
+    return (f"SELECT * FROM (SELECT {HIT_COLUMNS}, captions_fts.rank AS rank, c.wall_ts AS ts "
+            "FROM captions_fts CROSS JOIN captions AS c ON c.id = captions_fts.rowid "
+            f"WHERE {' AND '.join(where)} ORDER BY captions_fts.rowid DESC LIMIT ?) "
+            "ORDER BY rank, ts DESC, id DESC LIMIT ?"), filters
+
+
 def _snapshot_file(path: Any) -> tuple[str | None, int]:
     """Absolute path (so any reader finds it whatever its working folder) and its size."""
     if path in (None, ""):
@@ -479,37 +507,14 @@ class Archive:
             limits.check_text(query)
         since_ts, until_ts = (None if t is None else _time_ts(t) for t in (since, until))
         words, tags = split_tag_terms(query)
-        if words:
-            where, params = ["captions_fts MATCH ?", "captions_fts.rowid BETWEEN ? AND ?"], [words]
-        else:
-            where, params = ["c.id BETWEEN ? AND ?"], []
-        for clause, value in (("c.camera = ?", camera), ("c.wall_ts >= ?", since_ts),
-                              ("c.wall_ts < ?", until_ts)):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        for label, low in tags:
-            where.append("EXISTS (SELECT 1 FROM captions_tags AS t WHERE t.label = ? "
-                         "AND t.caption_id = c.id AND t.score >= ?)")
-            params += [label, low]
-        if words:
-            # Inner query: newest matches first, straight from the FTS index (CROSS JOIN keeps
-            # the FTS table outermost); outer query: rank those candidates.
-            sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, captions_fts.rank AS rank, "
-                   "c.wall_ts AS ts FROM captions_fts CROSS JOIN captions AS c "
-                   f"ON c.id = captions_fts.rowid WHERE {' AND '.join(where)} "
-                   "ORDER BY captions_fts.rowid DESC LIMIT ?) ORDER BY rank, ts DESC, id DESC LIMIT ?")
-        else:  # tags alone: nothing to rank, newest first
-            sql = (f"SELECT * FROM (SELECT {HIT_COLUMNS}, 0.0 AS rank, c.wall_ts AS ts "
-                   f"FROM captions AS c WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?) "
-                   "ORDER BY id DESC LIMIT ?")
+        sql, filters = _search_sql(words, tags, camera, since_ts, until_ts)
         conn = self._reader()
         try:
             with budget(conn, limits) if limits else nullcontext():
-                low, high = self._id_range(conn, since_ts, until_ts)
-                at = 1 if words else 0  # the id range follows the FTS query, if any
-                params[at:at] = [low, high]
-                rows = conn.execute(sql, [*params, max_candidates or -1, limit]).fetchall()
+                ids = list(self._id_range(conn, since_ts, until_ts))
+                params = [words, *ids] if words else ids
+                rows = conn.execute(sql, [*params, *filters, max_candidates or -1,
+                                          limit]).fetchall()
         except sqlite3.OperationalError as exc:
             raise ArchiveError(_query_error(query, exc)) from None
         except sqlite3.Error as exc:

@@ -31,12 +31,14 @@ class Hypothesis:
 
 
 def process_scores(scores: np.ndarray, sequences: np.ndarray, options: GenerationOptions,
-                   eos_id: int, prompt_len: int = 1) -> np.ndarray:
-    """Apply repetition penalty, n-gram blocking and min-new-tokens in place.
+                   eos_id: int, prompt_len: int = 1,
+                   gates: list[list[PresenceGate]] | None = None) -> np.ndarray:
+    """Apply repetition penalty, n-gram blocking, min-new-tokens and presence gates in place.
 
     scores [rows, vocab] float32; sequences [rows, cur_len] as transformers sees them: the
     decoder start token included (``prompt_len`` 1), or only generated tokens after an embedded
-    prefix (``prompt_len`` 0).
+    prefix (``prompt_len`` 0). ``gates``: per row, the presence gates whose words it may not
+    write (grounding.py); None for models without presence heads.
     """
     if options.repetition_penalty != 1.0:
         penalty = np.float32(options.repetition_penalty)
@@ -50,6 +52,8 @@ def process_scores(scores: np.ndarray, sequences: np.ndarray, options: Generatio
             row[banned_ngram_tokens(seq, n)] = -np.inf
     if sequences.shape[1] - prompt_len < options.min_new_tokens:
         scores[:, eos_id] = -np.inf
+    if gates is not None:
+        ban_gated_words(scores, sequences, gates)
     return scores
 
 
@@ -83,10 +87,9 @@ def greedy_search(runner: GraphRunner, cross: list[np.ndarray], options: Generat
         logits = runner.step(state, sequences[active, -1])
         log_probs = log_softmax(logits)  # before the processors edit logits in place
         seen = sequences[active, 1 - state.prompt_len :]  # what transformers' processors see
-        process_scores(logits, seen, options, eos_id, state.prompt_len)
-        if gates is not None:
-            ban_gated_words(logits, sequences[active], [gates[i] for i in active])
-        tokens = logits.argmax(axis=-1)
+        row_gates = None if gates is None else [gates[i] for i in active]
+        tokens = process_scores(logits, seen, options, eos_id, state.prompt_len,
+                                row_gates).argmax(axis=-1)
         logprob_sums[active] += log_probs[np.arange(len(active)), tokens]
         column = np.full((batch, 1), eos_id, dtype=np.int64)  # finished rows pad with EOS
         column[active, 0] = tokens
@@ -143,10 +146,9 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
         logits = runner.step(state, running[:, :, cur_len - 1].reshape(-1))
         seen = running[:, :, 1 - state.prompt_len : cur_len]  # what transformers' processors see
         flat = seen.reshape(batch * beams, seen.shape[2])  # explicit width: it may be zero
-        log_probs = process_scores(log_softmax(logits), flat, options, eos_id, state.prompt_len)
-        if gates is not None:
-            ban_gated_words(log_probs, running[:, :, :cur_len].reshape(batch * beams, cur_len),
-                            [g for image_gates in gates for g in [image_gates] * beams])
+        row_gates = None if gates is None else [g for g in gates for _ in range(beams)]
+        log_probs = process_scores(log_softmax(logits), flat, options, eos_id, state.prompt_len,
+                                   row_gates)
         vocab = log_probs.shape[-1]
         totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
 
