@@ -114,8 +114,8 @@ def parse_cost_ms(count: int, repeats: int = 50) -> dict[str, float]:
     """Median milliseconds the compatible routes add in-process per request: JSON parsing, the
     message walk and base64 decoding (the image decode and captioning are shared with
     ``/v1/captions``). Less sensitive to a busy machine than the round trips."""
-    from edgecap.compat_ollama import _generate_images
-    from edgecap.compat_openai import _images
+    from edgecap.serve.compat_ollama import _generate_images
+    from edgecap.serve.compat_openai import _images
 
     images = [(PHOTOS / f"{name}.jpg").read_bytes() for name in PHOTO_NAMES[:count]]
     bodies = {"openai chat": (openai_request(images)[1], lambda b: _images(b["messages"])),

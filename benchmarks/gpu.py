@@ -93,7 +93,7 @@ def image_paths(image_dir: Path | None, count: int) -> list[Path]:
 def build_models(args: argparse.Namespace) -> None:
     """The ViT-base + GPT-2 layout with random weights, its fp32 and fp16 exports and a traced
     fp32 export for TensorRT."""
-    from edgecap.export.onnx_export import export_pretrained
+    from edgecap.export.graphs.onnx_export import export_pretrained
 
     from .models import ensure_exports
 

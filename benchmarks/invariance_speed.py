@@ -35,9 +35,9 @@ def build_vit_gpt2_pair(root: Path, calibration_count: int) -> tuple[Path, Path]
     import shutil
     from unittest import mock
 
-    from edgecap.export import quantize
-    from edgecap.export.batch_invariant import make_batch_invariant
-    from edgecap.export.onnx_export import export_pretrained
+    from edgecap.export.quantize import variants as quantize
+    from edgecap.export.quantize.batch_invariant import make_batch_invariant
+    from edgecap.export.graphs.onnx_export import export_pretrained
     from edgecap.manifest import Manifest
 
     from .models import build_vit_gpt2

@@ -66,8 +66,8 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = MODES, tiny: bool = Fals
     """
     import shutil
 
-    from edgecap.export.onnx_export import export_pretrained
-    from edgecap.export.quantize import quantize_export
+    from edgecap.export.graphs.onnx_export import export_pretrained
+    from edgecap.export.quantize.variants import quantize_export
     from edgecap.manifest import Manifest
 
     hf_dir = build_vit_gpt2(root / "hf", tiny=tiny)
@@ -95,7 +95,7 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = MODES, tiny: bool = Fals
 
 def _current(export: Path) -> bool:
     """An export this version of edgecap would write the same way (fused graph, same revision)."""
-    from edgecap.export.fused_step import FUSED_GRAPH_REVISION
+    from edgecap.export.graphs.fused_step import FUSED_GRAPH_REVISION
     from edgecap.manifest import Manifest
 
     if not (export / "manifest.json").is_file():

@@ -97,7 +97,7 @@ def worker(out_dir: Path, prefix_length: int, threads: int) -> int:
     from edgecap.manifest import GenerationOptions, Manifest, Preprocessing
     from edgecap.preprocess import load_image, preprocess_batch
     from edgecap.sessions import build_session
-    from edgecap.step import GraphRunner
+    from edgecap.runner import GraphRunner
 
     if not (out_dir / "manifest.json").is_file():
         from edgecap.export import export_prefix_captioner

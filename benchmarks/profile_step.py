@@ -17,7 +17,7 @@ import numpy as np
 def main(argv=None) -> int:
     from edgecap.manifest import Manifest
     from edgecap.sessions import build_session
-    from edgecap.step import GraphRunner
+    from edgecap.runner import GraphRunner
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")

@@ -26,12 +26,12 @@ PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def run_once(video: Path, captioner, folder: Path | None) -> dict:
-    from edgecap.sources import VideoSource
-    from edgecap.watch import WatchOptions, watch
+    from edgecap.watch.sources import VideoSource
+    from edgecap.watch.stream import WatchOptions, watch
 
     writer = None
     if folder is not None:
-        from edgecap.archive_writer import ArchiveWriter
+        from edgecap.archive.writer import ArchiveWriter
 
         writer = ArchiveWriter(folder / "events.db", "bench", folder / "snapshots")
     options = WatchOptions(realtime=True, heartbeat_s=1e-3, camera="bench")

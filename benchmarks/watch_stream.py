@@ -46,8 +46,8 @@ def encode(path: Path, images: list[Path], fps: int, scene_s: float, size=(640, 
 
 def main(argv=None) -> int:
     from edgecap import Captioner
-    from edgecap.sources import VideoSource
-    from edgecap.watch import WatchOptions, watch
+    from edgecap.watch.sources import VideoSource
+    from edgecap.watch.stream import WatchOptions, watch
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="export directory (default: embedded model)")

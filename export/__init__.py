@@ -10,7 +10,7 @@ __all__ = ["export_prefix_captioner"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `python -m edgecap.export.<tool>` does not pay for the exporter's imports.
     if name == "export_prefix_captioner":
-        from .prefix_export import export_prefix_captioner
+        from .graphs.prefix_export import export_prefix_captioner
 
         return export_prefix_captioner
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

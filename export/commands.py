@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 # Torch-free: the train options are registered with the other commands at no cost.
-from .presence_config import DESCRIPTION as PRESENCE_DESCRIPTION
-from .presence_config import add_presence_arguments
-from .scst_config import add_scst_arguments, scst_config_from_args
-from .train_config import add_train_arguments, config_from_args
+from .train.presence_config import DESCRIPTION as PRESENCE_DESCRIPTION
+from .train.presence_config import add_presence_arguments
+from .train.scst_config import add_scst_arguments, scst_config_from_args
+from .train.config import add_train_arguments, config_from_args
 
 
 def register(commands) -> None:
@@ -96,7 +96,7 @@ def register(commands) -> None:
         "agreement, metric deltas (with --data), file sizes and per-part latency ratios. Prints "
         "a markdown table; --out writes JSON (and .md beside it).",
     )
-    from .quality_report import add_arguments as add_report_arguments
+    from .quantize.quality_report import add_arguments as add_report_arguments
 
     add_report_arguments(report)
     report.set_defaults(handler=run_quality_report)
@@ -157,19 +157,19 @@ def add_quantize_arguments(parser: argparse.ArgumentParser, decoder_graph: bool 
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from . import training
+    from .train import loop as training
 
     return training.run(config_from_args(args))
 
 
 def run_train_presence(args: argparse.Namespace) -> int:
-    from . import grounding
+    from .train import presence as grounding
 
     return grounding.run(args)
 
 
 def run_train_scst(args: argparse.Namespace) -> int:
-    from . import scst
+    from .train import scst
 
     try:
         return scst.run(scst_config_from_args(args))
@@ -180,7 +180,7 @@ def run_train_scst(args: argparse.Namespace) -> int:
 
 def _export_and_quantize(export, args: argparse.Namespace) -> int:
     """Run ``export()`` (returns a Manifest), then quantize in place if asked; one JSON line out."""
-    from .onnx_export import ExportError
+    from .graphs.onnx_export import ExportError
 
     if args.quantize == "int8-static" and (args.calibration is None or not args.calibration.is_dir()):
         # Check before exporting: otherwise an fp32 export would be left behind in OUT.
@@ -193,7 +193,7 @@ def _export_and_quantize(export, args: argparse.Namespace) -> int:
     try:
         manifest = export()
         if args.quantize != "none":
-            from .quantize import quantize_export
+            from .quantize.variants import quantize_export
 
             manifest = quantize_export(
                 args.out, args.out, mode=args.quantize, calibration=args.calibration,
@@ -209,7 +209,7 @@ def _export_and_quantize(export, args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .onnx_export import export_pretrained
+    from .graphs.onnx_export import export_pretrained
 
     logging.getLogger("edgecap").setLevel(logging.INFO)
     return _export_and_quantize(lambda: export_pretrained(
@@ -217,7 +217,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_export_trained(args: argparse.Namespace) -> int:
-    from .trained_export import export_checkpoint
+    from .train.trained_export import export_checkpoint
 
     logging.getLogger("edgecap").setLevel(logging.INFO)
     return _export_and_quantize(lambda: export_checkpoint(
@@ -225,14 +225,14 @@ def run_export_trained(args: argparse.Namespace) -> int:
 
 
 def run_export_prefix(args: argparse.Namespace) -> int:
-    from .prefix_checkpoint import export_prefix_checkpoint
+    from .train.prefix_checkpoint import export_prefix_checkpoint
 
     logging.getLogger("edgecap").setLevel(logging.INFO)
     return _export_and_quantize(lambda: export_prefix_checkpoint(args.checkpoint, args.out), args)
 
 
 def run_quality_report(args: argparse.Namespace) -> int:
-    from .quality_report import run
+    from .quantize.quality_report import run
 
     return run(args)
 

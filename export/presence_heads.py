@@ -1,6 +1,6 @@
 """The presence heads as the export sees them: the module, the grounding outputs a grounded
 encoder graph emits, the ImageNet names of its tags, and loading what ``train-presence`` wrote.
-Kept apart from the fitting (``grounding.py``), which needs the training data modules, so that
+Kept apart from the fitting (``train/presence.py``), which needs the training data modules, so that
 the model definitions (``captioner_model.py``) import no training code."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .decoding import Hypothesis, beam_search, greedy_search
-from .device_runner import make_runner
+from .gpu.device_runner import make_runner
 from .errors import EdgecapError, ModelError, OptionsError
 from .grounding import Grounding
 from .manifest import GROUNDING_OUTPUTS, PIXEL_VALUES, GenerationOptions, Manifest

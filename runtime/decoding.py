@@ -14,7 +14,7 @@ import numpy as np
 
 from .grounding import PresenceGate, ban_gated_words
 from .manifest import GenerationOptions
-from .step import GraphRunner
+from .runner import GraphRunner
 
 NEG = np.float32(-1.0e9)  # transformers' "never pick this" offset
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import ModelError
-from .gpu_providers import (
+from .gpu.providers import (
     TENSORRT, WANTED, check_precision, default_engine_cache, provider_options, session_providers,
 )
 from .manifest import Manifest

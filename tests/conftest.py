@@ -143,7 +143,7 @@ def mini_flickr(tmp_path_factory, sample_photos) -> Path:
 def tiny_exports(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (Hugging Face model dir, edgecap export dir) for every tiny config."""
     pytest.importorskip("torch")
-    from edgecap.export.onnx_export import export_pretrained
+    from edgecap.export.graphs.onnx_export import export_pretrained
 
     exports = {}
     root = tmp_path_factory.mktemp("tiny")

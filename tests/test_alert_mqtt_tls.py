@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from edgecap.alert_targets import AlertStats, MqttBroker
-from edgecap.camera_config import load_config
+from edgecap.alerts.targets import AlertStats, MqttBroker
+from edgecap.watch.config import load_config
 from edgecap.errors import EdgecapError
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
@@ -52,7 +52,7 @@ def free_port() -> int:
                     reason="needs mosquitto and openssl")
 def test_publisher_connects_to_a_tls_broker_only_when_it_trusts_it(tmp_path):
     pytest.importorskip("paho.mqtt")
-    from edgecap.alert_mqtt import MqttPublisher
+    from edgecap.alerts.mqtt import MqttPublisher
 
     cert, key = make_certificate(tmp_path)
     port = free_port()

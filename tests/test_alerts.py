@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from edgecap.alerts import AlertRule, Alerts, CommandTarget, MqttBroker, MqttTarget, WebhookTarget
-from edgecap.camera_metrics import CameraMetrics, start_metrics_server
+from edgecap.alerts.rules import AlertRule, Alerts, CommandTarget, MqttBroker, MqttTarget, WebhookTarget
+from edgecap.watch.metrics import CameraMetrics, start_metrics_server
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 needs_mosquitto = pytest.mark.skipif(

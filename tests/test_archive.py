@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edgecap.archive import Archive, ArchiveError, Hit, events, parse_time
-from edgecap.cli import main
+from edgecap.archive.store import Archive, ArchiveError, Hit, events, parse_time
+from edgecap.cli.main import main
 from edgecap.errors import EdgecapError
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
@@ -339,7 +339,7 @@ def test_two_processes_write_at_once(tmp_path):
 
 CHILD = """
 import sys
-from edgecap.archive import Archive
+from edgecap.archive.store import Archive
 sys.path.insert(0, sys.argv[2])
 from test_archive import record
 with Archive.open(sys.argv[1]) as archive:

@@ -66,7 +66,7 @@ def photos(sample_photos) -> list[Path]:
 def tiny_formats(tiny_export, tmp_path_factory, sample_photos) -> dict[str, Path]:
     """The tiny model in fp32 and in each format whose invariance is under test."""
     pytest.importorskip("torch")
-    from edgecap.export.quantize import quantize_export
+    from edgecap.export.quantize.variants import quantize_export
 
     root = tmp_path_factory.mktemp("formats")
     calibration = root / "calibration"
@@ -140,7 +140,7 @@ def test_serve_burst_returns_what_caption_prints(photos, capsys):
     pytest.importorskip("uvicorn")
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgecap.cli import main
+    from edgecap.cli.main import main
     from test_server import Server, request
 
     printed = {}
@@ -176,8 +176,8 @@ def test_existing_per_tensor_export_converts_in_place(tiny_export, tmp_path, sam
     pytest.importorskip("torch")
     from unittest import mock
 
-    from edgecap.export import quantize
-    from edgecap.export.batch_invariant import make_batch_invariant
+    from edgecap.export.quantize import variants as quantize
+    from edgecap.export.quantize.batch_invariant import make_batch_invariant
     from edgecap.manifest import Manifest
 
     per_tensor = tmp_path / "per-tensor"

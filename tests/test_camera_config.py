@@ -8,8 +8,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from edgecap.alert_targets import CommandTarget, MqttTarget, WebhookTarget
-from edgecap.camera_config import ConfigError, load_config
+from edgecap.alerts.targets import CommandTarget, MqttTarget, WebhookTarget
+from edgecap.watch.config import ConfigError, load_config
 from edgecap.errors import EdgecapError
 
 VALID = """\

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("av")
 
-from edgecap.cli import main  # noqa: E402
+from edgecap.cli.main import main  # noqa: E402
 
 from test_watch import encode_video, free_port, kill_server, needs_ffmpeg, start_server  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_files_through_one_config_end_when_every_file_has_ended(tiny_export, vid
                  "--archive", str(db)]) == 0
     counts = per_camera(out)
     assert set(counts) == set(CAMERAS[:3]) and all(count >= 2 for count in counts.values())
-    from edgecap.archive import Archive
+    from edgecap.archive.store import Archive
 
     with Archive.open(db, readonly=True) as archive:
         rows = archive.get(range(1, sum(counts.values()) + 1))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgecap import Captioner
-from edgecap.cli import main
+from edgecap.cli.main import main
 
 
 def test_caption_plain_and_json_match_api(tiny_export, flickr_images, capsys):

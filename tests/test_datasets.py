@@ -193,7 +193,7 @@ def test_reads_like_description(caption, expected):
 def test_eval_scores_a_tsv_folder_like_flickr(tmp_path, sample_photos, tiny_export, capsys):
     """`edgecap eval` reads the folders train reads: a captions.tsv set's test split is captioned
     and scored against its own references; a broken folder is a one-line error."""
-    from edgecap.cli import main as export_main
+    from edgecap.cli.main import main as export_main
 
     photos = sample_photos(6)
     root = tmp_path / "web"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgecap import Captioner
 from edgecap.captioner import default_model_dir
-from edgecap.cli import main
+from edgecap.cli.main import main
 
 
 def test_default_model_is_small_int8_and_captions(flickr_images, capsys):

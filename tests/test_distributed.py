@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from edgecap.cli import main
+from edgecap.cli.main import main
 from PIL import Image, ImageOps
 
 # Ray resolves 127.0.0.1 to the machine's network address unless clusters are "off": this keeps

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgecap import Captioner, ImageError, ModelError
-from edgecap.cli import main
+from edgecap.cli.main import main
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def assert_no_private_paths(manifest_file: Path, *private: Path) -> None:
 
 def test_export_by_model_id_offline_captions(offline_hub, tmp_path, flickr_images, capsys):
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     out = tmp_path / "export"
     assert main(["export", MODEL_ID, str(out)]) == 0
@@ -91,7 +91,7 @@ def test_folder_export_records_folder_name_only(tiny_exports):
     ("./no/such/folder", "no such folder (nor a Hugging Face model id"),
 ])
 def test_unresolvable_source_is_one_line_error(offline_hub, tmp_path, capsys, src, expected):
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     out = tmp_path / "export"
     assert main(["export", src, str(out)]) == 1
@@ -102,7 +102,7 @@ def test_unresolvable_source_is_one_line_error(offline_hub, tmp_path, capsys, sr
 
 
 def test_training_provenance_keeps_names_not_paths():
-    from edgecap.export.trained_export import public_training_config
+    from edgecap.export.train.trained_export import public_training_config
 
     recorded = {
         "data_dir": "/home/someone/data/flickr8k", "out_dir": "/scratch/run-3/model",

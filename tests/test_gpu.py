@@ -12,15 +12,15 @@ import onnxruntime as ort
 import pytest
 
 from edgecap import Captioner, OptionsError
-from edgecap.device_runner import DeviceGraphRunner, DeviceTensor
-from edgecap.gather_graph import gather_rows_model
-from edgecap.gpu_providers import (
+from edgecap.gpu.device_runner import DeviceGraphRunner, DeviceTensor
+from edgecap.gpu.gather_graph import gather_rows_model
+from edgecap.gpu.providers import (
     CPU, CUDA, TENSORRT, check_precision, default_engine_cache, provider_options,
     session_providers,
 )
 from edgecap.manifest import Manifest
 from edgecap.options import MAX_BATCH, MAX_BEAMS
-from edgecap.step import GraphRunner
+from edgecap.runner import GraphRunner
 
 ALL_PROVIDERS = [TENSORRT, CUDA, CPU]
 
@@ -251,7 +251,7 @@ def test_device_path_of_a_prefix_export(prefix_export, photos, monkeypatch, beam
 def test_every_captioning_command_takes_the_gpu_settings(photos, capsys):
     """caption, watch, serve and eval declare them once (options.RUNTIME); caption --ray
     refuses them rather than ignore them (its actors reserve CPUs, not GPUs)."""
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     for command in ("caption", "watch", "serve"):
         with pytest.raises(SystemExit):

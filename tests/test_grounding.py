@@ -36,8 +36,8 @@ def test_gate_bans_single_tokens_always_and_multi_token_words_at_their_end():
 @pytest.fixture(scope="module")
 def grounded_run(tmp_path_factory, mini_flickr) -> Path:
     """A tiny captioner trained with tag tokens on the frozen backbone, with fitted heads."""
-    from edgecap.export.grounding import train_presence
-    from edgecap.export.training import TrainConfig, train
+    from edgecap.export.train.presence import train_presence
+    from edgecap.export.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("grounded") / "run"
     train(TrainConfig(mini_flickr, out, epochs=40, batch_size=12, lr=3e-3, warmup_steps=2,
@@ -54,7 +54,7 @@ def grounded_run(tmp_path_factory, mini_flickr) -> Path:
 
 def pooled(run: Path, photo: Path) -> np.ndarray:
     from edgecap.export.captioner_model import load_trained
-    from edgecap.export.train_data import load_pixels
+    from edgecap.export.train.data import load_pixels
 
     encoder, _, _ = load_trained(run)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def pooled(run: Path, photo: Path) -> np.ndarray:
 def gated_export(grounded_run, sample_photos, tmp_path_factory) -> tuple[Path, Path, Path]:
     """The run exported with a person head that says yes to camera.jpg and no to its mirror
     image (both captioned with a man by the ungated model): (export, yes photo, no photo)."""
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     photos = {p.stem: p for p in sample_photos(22)}
     yes, no = photos["camera"], photos["camera-v1"]
@@ -162,9 +162,9 @@ def test_ungrounded_models_write_empty_tags(tiny_export, photos):
 
 def test_person_rules_do_not_fire_on_the_scene_the_head_calls_empty(gated_export, tmp_path):
     from edgecap import Captioner
-    from edgecap.alert_targets import CommandTarget
-    from edgecap.alerts import AlertRule, Alerts
-    from edgecap.camera_config import load_config
+    from edgecap.alerts.targets import CommandTarget
+    from edgecap.alerts.rules import AlertRule, Alerts
+    from edgecap.watch.config import load_config
 
     out, yes, no = gated_export
     captioner = Captioner(out)
@@ -197,7 +197,7 @@ def test_person_rules_do_not_fire_on_the_scene_the_head_calls_empty(gated_export
     ("", "set match, regex or min_score"),
 ])
 def test_min_score_config_errors_name_the_key(tmp_path, text, problem):
-    from edgecap.camera_config import ConfigError, load_config
+    from edgecap.watch.config import ConfigError, load_config
 
     config = tmp_path / "cameras.toml"
     config.write_text(f'[[camera]]\nname = "door"\nsource = "door.mp4"\n\n[[alert]]\n{text}\n'
@@ -212,7 +212,7 @@ def test_front_ends_write_the_same_tags_and_honour_the_gate_option(gated_export,
     from test_server import Server, request
 
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     out, yes, no = gated_export
     api = Captioner(out)
@@ -240,9 +240,9 @@ def test_scst_on_a_grounded_run_keeps_heads_out_of_its_weights_and_exports(groun
     """SCST (with the person penalty) starts from a run that has presence heads; its output
     loads, takes its own heads from train-presence, and exports grounded."""
     from edgecap import Captioner
-    from edgecap.export.grounding import train_presence
-    from edgecap.export.scst import ScstConfig, scst_train
-    from edgecap.export.trained_export import export_checkpoint
+    from edgecap.export.train.presence import train_presence
+    from edgecap.export.train.scst import ScstConfig, scst_train
+    from edgecap.export.train.trained_export import export_checkpoint
 
     out = tmp_path / "scst"
     scst_train(ScstConfig(grounded_run, out, steps=2, lr=1e-4, samples=2, images_per_step=2,

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("paho.mqtt")
 
-from edgecap.camera_config import ConfigError, load_config
-from edgecap.ha_discovery import Discovery, discovery_messages
+from edgecap.watch.config import ConfigError, load_config
+from edgecap.watch.ha_discovery import Discovery, discovery_messages
 from test_alerts import MOSQUITTO, Broker
 
 needs_mosquitto = pytest.mark.skipif(
@@ -84,7 +84,7 @@ def test_messages_are_valid_discovery_configs(tmp_path):
 
 def test_event_template_renders_only_its_rule():
     jinja2 = pytest.importorskip("jinja2")
-    from edgecap.ha_discovery import _event_template
+    from edgecap.watch.ha_discovery import _event_template
 
     env = jinja2.Environment()
     env.filters["tojson"] = json.dumps  # Home Assistant's tojson filter
@@ -145,7 +145,7 @@ def retained_payload(port: int, topic: str) -> bytes:
 def test_watch_config_announces_and_its_sensor_topic_holds_the_caption(tmp_path, photos,
                                                                         tiny_export):
     pytest.importorskip("av")
-    from edgecap.cli import main
+    from edgecap.cli.main import main
     from test_watch import encode_video
 
     broker = Broker(tmp_path)

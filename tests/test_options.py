@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from edgecap import Captioner, CaptionResult, OptionsError
-from edgecap.cli import build_parser, main
+from edgecap.cli.main import build_parser, main
 from edgecap.options import GENERATION, GENERATION_NAMES
 
 RECORD_KEYS = {"source", "status", "generated_text", "score", "token_ids", "tags", "latency_ms"}
@@ -40,7 +40,7 @@ def test_every_captioning_command_has_every_generation_option(command):
 
 def test_the_openapi_document_lists_the_same_options():
     pytest.importorskip("starlette")
-    from edgecap.server import openapi_document
+    from edgecap.serve.app import openapi_document
 
     post = openapi_document()["paths"]["/v1/captions"]["post"]
     assert {p["name"] for p in post["parameters"]} == set(GENERATION_NAMES)
@@ -145,7 +145,7 @@ def test_a_missing_extra_is_named_in_one_line(module, argv, extra, tmp_path):
 
 
 def test_watch_rejects_bad_fps_before_starting_anything(tiny_export):
-    from edgecap.watch import WatchOptions, watch
+    from edgecap.watch.stream import WatchOptions, watch
 
     class Source:
         live, stopped, read = True, False, False

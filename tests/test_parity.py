@@ -90,7 +90,7 @@ def test_export_records_parity_and_no_duplicate_embedding(tiny_exports):
 @pytest.fixture(scope="module")
 def traced_exports(tiny_exports, tmp_path_factory):
     """The same tiny models exported with the traced (TorchScript) decoder step instead."""
-    from edgecap.export.onnx_export import export_pretrained
+    from edgecap.export.graphs.onnx_export import export_pretrained
 
     root = tmp_path_factory.mktemp("traced")
     exports = {}

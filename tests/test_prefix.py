@@ -162,7 +162,7 @@ def test_manifest_says_prefix_and_records_parity(prefix_models):
 
 def test_wrong_prefix_shape_and_cross_attention_decoder_are_refused(tmp_path):
     from edgecap.export import export_prefix_captioner
-    from edgecap.export.onnx_export import ExportError
+    from edgecap.export.graphs.onnx_export import ExportError
 
     encoder, mapper, gpt2, processor, tokenizer = build_prefix_model(PREFIX_CONFIGS[0])
     with pytest.raises(ExportError, match="prefix_length=2"):
@@ -212,7 +212,7 @@ def prefix_formats(prefix_models, tmp_path_factory, sample_photos) -> dict:
     width 64: at the 48-wide fixture ORT's MatMulNBits kernel gives different results from one
     session to the next) and fp16."""
     from edgecap.export import export_prefix_captioner
-    from edgecap.export.quantize import quantize_export
+    from edgecap.export.quantize.variants import quantize_export
 
     root = tmp_path_factory.mktemp("prefix-formats")
     calibration = root / "calibration"

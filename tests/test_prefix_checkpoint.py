@@ -197,7 +197,7 @@ def generate_tokens(encode, gpt2, pixels, eos: int, **options) -> list[list[int]
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_export_prefix_round_trip_equals_generate(kind, tmp_path, photos, capsys):
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
     from edgecap.preprocess import load_image, preprocess_batch
 
     folder = tmp_path / kind
@@ -300,7 +300,7 @@ def test_broken_checkpoint_names_the_file_and_key(breakage, message, clip_checkp
                                                   capsys, monkeypatch):
     import re
 
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a missing model id must not reach the network
     folder = tmp_path / "my-clipcap"

@@ -49,7 +49,7 @@ def test_prefix_model_runs_with_torch_and_transformers_blocked(prefix_export, fl
     script = BLOCKER + f"""
 import json
 from edgecap import Captioner
-from edgecap.cli import main
+from edgecap.cli.main import main
 captioner = Captioner({str(prefix_export)!r})
 images = {[str(p) for p in flickr_images[:3]]!r}
 greedy = [r.token_ids for r in captioner.caption(images)]

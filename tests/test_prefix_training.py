@@ -23,7 +23,7 @@ TINY_ARGS = ["--arch", "prefix", "--prefix-length", str(PREFIX_LENGTH), "--mappe
 
 @pytest.fixture(scope="module")
 def prefix_run(tmp_path_factory, mini_flickr) -> Path:
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     root = tmp_path_factory.mktemp("prefix-run")
     out = root / "run"
@@ -34,7 +34,7 @@ def prefix_run(tmp_path_factory, mini_flickr) -> Path:
 
 @pytest.fixture(scope="module")
 def prefix_export(prefix_run, tmp_path_factory) -> Path:
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     out = tmp_path_factory.mktemp("prefix-export") / "fp32"
     assert main(["export-trained", str(prefix_run), str(out)]) == 0
@@ -94,7 +94,7 @@ def test_export_trained_prefix_captions_like_generate(prefix_run, prefix_export,
 def test_int8_prefix_export_with_calibration_captions_a_jpeg(prefix_run, tmp_path, photos,
                                                             capsys):
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     calibration = tmp_path / "calibration"
     calibration.mkdir()
@@ -114,7 +114,7 @@ def test_int8_prefix_export_with_calibration_captions_a_jpeg(prefix_run, tmp_pat
 def test_resume_refuses_another_family(prefix_run):
     import dataclasses
 
-    from edgecap.export.training import TrainConfig, train
+    from edgecap.export.train.loop import TrainConfig, train
 
     recorded = json.loads((prefix_run / "train_config.json").read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 from edgecap import Captioner  # noqa: E402
-from edgecap.export.quantize import quantize_export  # noqa: E402
+from edgecap.export.quantize.variants import quantize_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")

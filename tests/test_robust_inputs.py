@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgecap.cli import main
+from edgecap.cli.main import main
 from edgecap.preprocess import load_image
 
 

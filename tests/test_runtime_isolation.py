@@ -46,7 +46,7 @@ def test_captioning_works_with_torch_and_transformers_blocked(tiny_export, flick
     script = BLOCKER + f"""
 import json
 from edgecap import Captioner
-from edgecap.cli import main
+from edgecap.cli.main import main
 captioner = Captioner({str(tiny_export)!r})
 greedy = captioner.caption({str(flickr_images[0])!r})
 beam = captioner.caption([{str(flickr_images[1])!r}], num_beams=3)[0]

@@ -25,7 +25,7 @@ HYPS = ["a black dog in the snow", "two kids play on the sand", "a man on a bike
 def test_corpus_cider_equals_pycocoevalcap_on_its_own_corpus():
     from pycocoevalcap.cider.cider import Cider
 
-    from edgecap.export.scst_reward import CorpusCider
+    from edgecap.export.train.scst_reward import CorpusCider
 
     _, expected = Cider().compute_score({i: r for i, r in enumerate(REFS)},
                                         {i: [h] for i, h in enumerate(HYPS)})
@@ -38,7 +38,7 @@ def test_corpus_cider_equals_pycocoevalcap_on_its_own_corpus():
 
 
 def test_leave_one_out_advantage_is_reward_minus_siblings_mean():
-    from edgecap.export.scst import leave_one_out_advantage
+    from edgecap.export.train.scst import leave_one_out_advantage
 
     rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
     advantage = leave_one_out_advantage(rewards, samples=3)
@@ -47,7 +47,7 @@ def test_leave_one_out_advantage_is_reward_minus_siblings_mean():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mini_flickr):
-    from edgecap.export.training import TrainConfig, train
+    from edgecap.export.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("xe")
     train(TrainConfig(mini_flickr, out, epochs=2, warmup_steps=3, batch_size=8, lr=3e-3,
@@ -59,8 +59,8 @@ def trained(tmp_path_factory, mini_flickr):
 
 def test_scst_run_keeps_the_best_and_exports(trained, tmp_path, flickr_images):
     from edgecap import Captioner
-    from edgecap.export.scst import ScstConfig, sample_captions, scst_train  # noqa: F401
-    from edgecap.export.trained_export import export_checkpoint
+    from edgecap.export.train.scst import ScstConfig, sample_captions, scst_train  # noqa: F401
+    from edgecap.export.train.trained_export import export_checkpoint
 
     out = tmp_path / "scst"
     result = scst_train(ScstConfig(trained, out, steps=6, lr=1e-3, samples=3, images_per_step=4,
@@ -97,8 +97,8 @@ def test_scst_run_keeps_the_best_and_exports(trained, tmp_path, flickr_images):
 
 
 def test_first_folder_only_counts_that_folders_training_images(tmp_path, mini_flickr):
-    from edgecap.export import scst
-    from edgecap.export.train_config import TrainConfig
+    from edgecap.export.train import scst as scst
+    from edgecap.export.train.config import TrainConfig
 
     run = TrainConfig([mini_flickr, mini_flickr], tmp_path, max_train_images=8)
     assert scst.trained_images(scst.ScstConfig("c", "o"), run, 16) == 16
@@ -108,14 +108,14 @@ def test_first_folder_only_counts_that_folders_training_images(tmp_path, mini_fl
 
 
 def test_scst_refuses_a_folder_not_written_by_train(tmp_path):
-    from edgecap.export.scst import ScstConfig, scst_train
+    from edgecap.export.train.scst import ScstConfig, scst_train
 
     with pytest.raises(ValueError, match="train_config.json"):
         scst_train(ScstConfig(tmp_path, tmp_path / "out"))
 
 
 def test_invented_person_is_a_person_word_no_reference_supports():
-    from edgecap.export.scst import invented_person
+    from edgecap.export.train.scst import invented_person
 
     empty_room = ["a kitchen with a stove", "an empty kitchen"]
     assert invented_person("a man is cooking in a kitchen", empty_room)

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from edgecap.archive import Archive  # noqa: E402
+from edgecap.archive.store import Archive  # noqa: E402
 
 from browser import headless_page, wait_for_images  # noqa: E402
 from test_server import Server, request  # noqa: E402

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from edgecap.archive import Archive, ArchiveError, parse_time
-from edgecap.archive_limits import QueryLimits, QueryRefused
+from edgecap.archive.store import Archive, ArchiveError, parse_time
+from edgecap.archive.limits import QueryLimits, QueryRefused
 
 pytest.importorskip("starlette")
 from test_server import Server, request  # noqa: E402
@@ -186,9 +186,9 @@ def mode(path: Path) -> int:
 
 
 def test_archive_and_snapshots_are_owner_only(tmp_path):
-    from edgecap.archive_writer import ArchiveWriter
+    from edgecap.archive.writer import ArchiveWriter
     from edgecap.results import CaptionResult
-    from edgecap.watch import CaptionRecord
+    from edgecap.watch.stream import CaptionRecord
 
     old = os.umask(0o022)  # the usual default, which used to leave everything world-readable
     try:

@@ -22,8 +22,8 @@ ollama = pytest.importorskip("ollama")
 requests = pytest.importorskip("requests")
 
 from edgecap import Captioner
-from edgecap.cli import main
-from edgecap.compat import CompatError, inline_image, model_ids, style_of
+from edgecap.cli.main import main
+from edgecap.serve.compat import CompatError, inline_image, model_ids, style_of
 from test_serve_security import AUTH, KEY, key_file, stop_and_read_stderr  # noqa: F401
 from test_server import Server
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgecap.manifest import GenerationOptions
-from edgecap.serve_fairness import CostShares, request_cost
+from edgecap.serve.fairness import CostShares, request_cost
 
 pytest.importorskip("starlette")
 from test_server import Server, free_port, multipart  # noqa: E402
@@ -137,7 +137,7 @@ def test_one_address_cannot_hold_every_connection(fair_server):
 def test_metrics_port_answers_loopback_names_only():
     import urllib.request
 
-    from edgecap.camera_metrics import CameraMetrics, start_metrics_server
+    from edgecap.watch.metrics import CameraMetrics, start_metrics_server
 
     port = free_port()
     server, _ = start_metrics_server(CameraMetrics(["door"]), port)
@@ -162,7 +162,7 @@ def test_metrics_port_answers_loopback_names_only():
 
 
 def test_serve_flags_reach_the_settings():
-    from edgecap.cli import _serve_settings, build_parser
+    from edgecap.cli.main import _serve_settings, build_parser
 
     args = build_parser().parse_args(["serve", "--forwarded-allow-ips", "10.0.0.1, 10.0.0.2",
                                       "--max-client-cost", "500", "--max-request-mp", "20",

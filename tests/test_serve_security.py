@@ -24,9 +24,9 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from edgecap.cli import _serve_settings, build_parser, main
-from edgecap.serve_limits import RateLimiter, retry_after
-from edgecap.serve_security import (
+from edgecap.cli.main import _serve_settings, build_parser, main
+from edgecap.serve.limits import RateLimiter, retry_after
+from edgecap.serve.security import (
     Guard,
     Policy,
     SecurityConfigError,

@@ -12,7 +12,7 @@ EXPORT = Path(__file__).resolve().parents[1] / "export"
 
 
 def parse(argv: list[str]):
-    from edgecap.export.train_config import add_train_arguments, config_from_args
+    from edgecap.export.train.config import add_train_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -20,14 +20,14 @@ def parse(argv: list[str]):
 
 
 def test_command_line_defaults_are_the_dataclass_defaults():
-    from edgecap.export.train_config import DEFAULT_CACHE_DIR, TrainConfig
+    from edgecap.export.train.config import DEFAULT_CACHE_DIR, TrainConfig
 
     assert parse(["--data", "d", "--out", "o"]) == TrainConfig(["d"], "o")
     assert TrainConfig("d", "o").cache_dir == DEFAULT_CACHE_DIR
 
 
 def test_data_is_repeatable_and_one_or_several_folders_work():
-    from edgecap.export.train_config import TrainConfig, data_dirs
+    from edgecap.export.train.config import TrainConfig, data_dirs
 
     config = parse(["--data", "flickr8k", "--data", "webcaps", "--out", "o"])
     assert config.data_dir == ["flickr8k", "webcaps"]
@@ -57,7 +57,7 @@ def test_every_option_reaches_its_field():
 
 
 def test_training_does_not_import_the_cli_module():
-    for name in ("training.py", "train_config.py", "train_data.py", "train_state.py",
+    for name in ("train/loop.py", "train/config.py", "train/data.py", "train/state.py",
                  "datasets.py"):
         tree = ast.parse((EXPORT / name).read_text())
         imported = {node.module for node in ast.walk(tree)

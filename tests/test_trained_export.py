@@ -15,7 +15,7 @@ pytest.importorskip("efficientnet_lite_pytorch")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, mini_flickr) -> Path:
-    from edgecap.export.training import TrainConfig, train
+    from edgecap.export.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "model"
     train(TrainConfig(mini_flickr, out, epochs=1, batch_size=8, lr=3e-3, warmup_steps=2,
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory, mini_flickr) -> Path:
 
 def test_export_trained_checkpoint_matches_generate(checkpoint, tmp_path, flickr_images, capsys):
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
     from edgecap.export.captioner_model import load_trained
     from edgecap.preprocess import load_image, preprocess_batch
 
@@ -64,7 +64,7 @@ def test_export_trained_checkpoint_matches_generate(checkpoint, tmp_path, flickr
 def test_unknown_style_is_a_usage_error_naming_the_known_ones(checkpoint, tmp_path, flickr_images,
                                                               capsys):
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
     from edgecap.errors import OptionsError
 
     out = tmp_path / "export"
@@ -78,7 +78,7 @@ def test_unknown_style_is_a_usage_error_naming_the_known_ones(checkpoint, tmp_pa
 
 def test_int8_export_of_checkpoint_loads_and_is_small(checkpoint, tmp_path, flickr_images):
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     out = tmp_path / "int8"
     assert main(["export-trained", str(checkpoint), str(out), "--quantize", "int8-dynamic"]) == 0

@@ -41,8 +41,8 @@ def mini_web(tmp_path_factory, sample_photos) -> Path:
 
 def test_train_few_steps_and_reload(tmp_path, mini_flickr, feature_cache):
     from edgecap.export.captioner_model import FeatureEncoder, load_trained
-    from edgecap.export.train_data import block_features, image_tokens
-    from edgecap.export.training import TrainConfig, load_pixels, train
+    from edgecap.export.train.data import block_features, image_tokens
+    from edgecap.export.train.loop import TrainConfig, load_pixels, train
 
     out = tmp_path / "model"
     result = train(TrainConfig(mini_flickr, out, epochs=5, warmup_steps=3,
@@ -92,7 +92,7 @@ def test_two_folders_with_style_tokens_in_one_command(tmp_path, mini_flickr, min
     from tokenizers import Tokenizer
 
     from edgecap import Captioner
-    from edgecap.cli import main
+    from edgecap.cli.main import main
 
     out = tmp_path / "model"
     assert main(["train", "--data", str(mini_flickr), "--data", str(mini_web), "--out", str(out),
@@ -125,8 +125,8 @@ def test_two_folders_with_style_tokens_in_one_command(tmp_path, mini_flickr, min
 
 def test_resume_continues_where_a_killed_run_stopped(tmp_path, mini_flickr, feature_cache,
                                                      monkeypatch):
-    from edgecap.export import training
-    from edgecap.export.training import TrainConfig
+    from edgecap.export.train import loop as training
+    from edgecap.export.train.loop import TrainConfig
 
     def config(out: str, **changes) -> TrainConfig:
         settings = dict(TINY, epochs=2, warmup_steps=2, checkpoint_every=3,
@@ -163,8 +163,8 @@ def test_resume_continues_where_a_killed_run_stopped(tmp_path, mini_flickr, feat
 
 def test_resume_with_more_patience_continues_an_early_stopped_run(tmp_path, mini_flickr,
                                                                   feature_cache, monkeypatch):
-    from edgecap.export import training
-    from edgecap.export.training import TrainConfig
+    from edgecap.export.train import loop as training
+    from edgecap.export.train.loop import TrainConfig
 
     scores = iter([0.5, 0.4, 0.45, 0.6])  # dev CIDEr-D of epochs 1 to 4: epoch 2 loses
 

@@ -22,8 +22,8 @@ from PIL import Image
 av = pytest.importorskip("av")
 
 from edgecap import Captioner  # noqa: E402
-from edgecap.sources import FolderSource, LiveClock, VideoSource  # noqa: E402
-from edgecap.watch import SubtitleWriter, WatchOptions, watch  # noqa: E402
+from edgecap.watch.sources import FolderSource, LiveClock, VideoSource  # noqa: E402
+from edgecap.watch.stream import SubtitleWriter, WatchOptions, watch  # noqa: E402
 
 FPS = 10
 SCENE_SECONDS = 1.0
@@ -390,7 +390,7 @@ def test_rtsp_stream_reconnects_after_server_restart(tiny_export, scene_video, t
 
 def test_subtitles_stay_valid_and_end_with_the_newest_caption(tmp_path):
     from edgecap import CaptionResult
-    from edgecap.watch import CaptionRecord
+    from edgecap.watch.stream import CaptionRecord
 
     def record(t: float, text: str) -> CaptionRecord:
         return CaptionRecord(CaptionResult(text, [], 0.0), t, "", 0, 1.0, 0, "scene")
@@ -493,7 +493,7 @@ def test_reconnect_backoff_doubles_up_to_its_cap(caplog):
     source = VideoSource(f"http://127.0.0.1:{port}/stream", timeout_s=1.0, min_backoff_s=0.05,
                          max_backoff_s=0.2, max_reconnects=4)
     caplog.set_level("WARNING", logger="edgecap.watch")
-    from edgecap.sources import SourceError
+    from edgecap.watch.sources import SourceError
 
     with pytest.raises(SourceError, match="gave up after 4 reconnects in a row"):
         list(source.frames())
@@ -519,7 +519,7 @@ def test_stalled_stream_times_out_instead_of_hanging():
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    from edgecap.sources import SourceError
+    from edgecap.watch.sources import SourceError
 
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/stream"
     source = VideoSource(url, timeout_s=0.5, min_backoff_s=0.05, max_reconnects=1)

@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("av")
 
-from edgecap.archive import Archive  # noqa: E402
-from edgecap.cli import main  # noqa: E402
+from edgecap.archive.store import Archive  # noqa: E402
+from edgecap.cli.main import main  # noqa: E402
 
 from test_watch import encode_video  # noqa: E402
 

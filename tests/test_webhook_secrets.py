@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from edgecap.alert_targets import AlertStats, Delivery, DeliveryError, DeliveryQueue
-from edgecap.alert_targets import WebhookTarget, post_webhook
-from edgecap.camera_config import ConfigError, load_config
+from edgecap.alerts.targets import AlertStats, Delivery, DeliveryError, DeliveryQueue
+from edgecap.alerts.targets import WebhookTarget, post_webhook
+from edgecap.watch.config import ConfigError, load_config
 from edgecap.secret_files import redact_url
 from test_server import free_port
 

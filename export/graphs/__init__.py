@@ -1,0 +1,2 @@
+"""The ONNX graphs edgecap exports (encoder, decoder step, prefix family) and their checks
+against PyTorch."""

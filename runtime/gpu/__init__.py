@@ -1,0 +1,1 @@
+"""NVIDIA execution: provider options (CUDA, TensorRT) and the IO-bound device runner."""
