@@ -93,8 +93,7 @@ def run_cameras(args: argparse.Namespace) -> int:
             for feed in feeds:
                 print(f"edgecap: {feed.options.camera}: {counts[feed.options.camera]} captions, "
                       f"{_stats_text(feed.source.stats)}", file=sys.stderr)
-            print(f"edgecap: {plan.lanes} lanes of {plan.threads} threads: {lanes.summary()}",
-                  file=sys.stderr)
+            print(f"edgecap: {plan}: {lanes.summary()}", file=sys.stderr)
     return 1 if any(feed.source.stats.read_errors for feed in feeds) else 0
 
 

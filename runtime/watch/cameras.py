@@ -144,9 +144,9 @@ class Scheduler:
         """Up to ``share`` gated frames, one per free camera, starting at ``turn``."""
         chosen: Work = []
         with self.lock:
-            count = len(self.feeds)
+            count, start = len(self.feeds), self.turn
             for step in range(count):
-                index = (self.turn + step) % count
+                index = (start + step) % count
                 feed = self.feeds[index]
                 if index in self.busy or feed.cap_remaining() > 0:
                     continue

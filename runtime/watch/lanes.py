@@ -36,6 +36,10 @@ class LanePlan:
     lanes: int
     threads: int
 
+    def __str__(self) -> str:
+        return (f"{self.lanes} lane{'s' if self.lanes != 1 else ''} of {self.threads} "
+                f"thread{'s' if self.threads != 1 else ''}")
+
 
 def plan_lanes(requested: int | None, threads: int, cameras: int) -> LanePlan:
     """The lanes for ``cameras`` cameras on ``threads`` intra-op threads.
