@@ -216,12 +216,15 @@ def test_lanes_are_checked_like_every_declared_option(tmp_path, secrets):
     assert "camera.lanes: unknown key" in config_error(tmp_path, text)  # one per file, on top
 
 
-def test_lane_plan_splits_the_threads_and_never_exceeds_the_cameras():
+def test_lane_plan_gives_the_lanes_every_thread_and_never_exceeds_the_cameras():
+    """A run computes on its lane's thread plus the sessions' pool, which the lanes share: the
+    lanes and the pool together use the threads given."""
     from edgecap.watch.lanes import plan_lanes
 
-    assert (plan_lanes(None, threads=2, cameras=4).lanes, plan_lanes(None, 2, 4).threads) == (2, 1)
+    assert plan_lanes(None, threads=2, cameras=4) == plan_lanes(2, 2, 4)  # one lane per thread
+    assert (plan_lanes(2, 2, 4).lanes, plan_lanes(2, 2, 4).threads) == (2, 1)  # no pool
     assert plan_lanes(None, threads=2, cameras=1) == plan_lanes(1, 2, 1)  # one camera: one lane
     assert plan_lanes(1, 2, 1).threads == 2
-    assert (plan_lanes(None, 8, 3).lanes, plan_lanes(None, 8, 3).threads) == (3, 2)
+    assert (plan_lanes(None, 8, 3).lanes, plan_lanes(None, 8, 3).threads) == (3, 6)
     assert (plan_lanes(4, 2, 8).lanes, plan_lanes(4, 2, 8).threads) == (4, 1)  # at least one
-    assert str(plan_lanes(2, 2, 2)) == "2 lanes of 1 thread"
+    assert str(plan_lanes(2, 2, 2)) == "2 lanes, sessions of 1 thread"

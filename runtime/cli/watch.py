@@ -70,7 +70,7 @@ def run_cameras(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     plan = plan_lanes(args.lanes or config.lanes, args.threads or default_threads(),
                       len(config.cameras))
-    # One set of sessions for every lane, each session with one lane's share of the threads.
+    # One set of sessions for every lane, with the threads the lanes' own do not use.
     captioner = Captioner(args.model, **{**runtime_from_args(args), "cpu_threads": plan.threads})
     stop, ready, lanes = threading.Event(), threading.Event(), LaneStats(plan.lanes)
     feeds = [_camera_feed(camera, args, captioner, stop, ready) for camera in config.cameras]

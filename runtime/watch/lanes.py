@@ -2,10 +2,12 @@
 
 A lane is a thread that takes frames from the camera scheduler and captions them with the shared
 ``Captioner``. Every lane calls the same encoder and decoder sessions (one set of weights in
-memory; onnxruntime's ``run`` may be called from several threads at once), and the intra-op
-threads are split between the lanes: threads 2 and lanes 2 give two lanes of one thread each.
-On a small CPU, two one-thread pipelines caption more frames per second than one two-thread
-pipeline, because a decoder step's small kernels leave a second thread mostly waiting.
+memory; onnxruntime's ``run`` may be called from several threads at once). A run computes on its
+calling thread plus the session's intra-op pool, which all lanes share, so the sessions get the
+threads that the lanes themselves do not use: threads 2 and lanes 2 give two lanes of one
+thread each and no pool. On a small CPU, two one-thread pipelines caption more frames per second
+than one two-thread pipeline, because a decoder step's small kernels leave a second thread
+mostly waiting.
 """
 
 from __future__ import annotations
@@ -23,21 +25,20 @@ MAX_LANES = 64
 
 LANES = Option(
     "lanes", parse_integer, "with --config: callers that caption at once over the one model, "
-    "each with an equal share of --threads (default: one lane per thread, at most one per "
-    "camera)",
+    "sharing --threads (default: one lane per thread, at most one per camera)",
     {"type": "integer", "minimum": 1, "maximum": MAX_LANES}, metavar="N")
 
 
 @dataclass(frozen=True)
 class LanePlan:
-    """How ``watch --config`` runs: ``lanes`` callers, each session with ``threads`` intra-op
-    threads (the sessions are shared, so every lane runs with that many)."""
+    """How ``watch --config`` runs: ``lanes`` callers over sessions of ``threads`` intra-op
+    threads (each run: its lane's thread plus the pool of ``threads - 1`` that lanes share)."""
 
     lanes: int
     threads: int
 
     def __str__(self) -> str:
-        return (f"{self.lanes} lane{'s' if self.lanes != 1 else ''} of {self.threads} "
+        return (f"{self.lanes} lane{'s' if self.lanes != 1 else ''}, sessions of {self.threads} "
                 f"thread{'s' if self.threads != 1 else ''}")
 
 
@@ -50,7 +51,8 @@ def plan_lanes(requested: int | None, threads: int, cameras: int) -> LanePlan:
         cameras: how many cameras the config has.
     Returns:
         At most one lane per camera (a camera is captioned by one lane at a time, so more would
-        wait), and the threads split evenly between the lanes (at least one each).
+        wait), and sessions whose shared pool and the lanes' own threads add up to ``threads``
+        (at least one thread each: more lanes than threads share the cores).
     """
     lanes = requested if requested is not None else threads
     if lanes > cameras:
@@ -58,7 +60,7 @@ def plan_lanes(requested: int | None, threads: int, cameras: int) -> LanePlan:
             log.info("lanes %d: %d cameras use at most %d", lanes, cameras, cameras)
         lanes = cameras
     lanes = max(1, lanes)
-    return LanePlan(lanes=lanes, threads=max(1, threads // lanes))
+    return LanePlan(lanes=lanes, threads=max(1, threads - lanes + 1))
 
 
 class LaneStats:
