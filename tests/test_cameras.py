@@ -405,3 +405,30 @@ def test_bad_lanes_are_usage_errors(tiny_export, videos, tmp_path, capsys):
     config.write_text(config.read_text().replace("[[camera]]", "lanes = 0\n\n[[camera]]", 1))
     assert main(["watch", "--config", str(config), "--model", str(tiny_export)]) == 1
     assert f"{config}:1: lanes: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cameras", "lanes"), [(3, 2), (5, 2), (7, 3)])
+def test_a_lane_that_finishes_sooner_favours_no_camera(photos, tmp_path, cameras, lanes):
+    """Lane 0 takes twice as long per batch as the others (a slower core, a longer caption):
+    the cameras are still served in turn: no camera gets ahead of another by more than one
+    batch, however long the run."""
+    from edgecap.watch.cameras import Scheduler
+
+    feeds = camera_feeds(cameras, tmp_path)
+    scheduler = Scheduler(feeds, lanes, max_batch=8)
+    served = {f"cam{i}": 0 for i in range(cameras)}
+    held: dict[int, tuple[int, list]] = {}  # lane -> (tick it finishes, its work)
+    for tick in range(60):
+        for lane, (done, work) in list(held.items()):
+            if done <= tick:
+                scheduler.release(work)
+                del held[lane]
+        fill(feeds, photos, tick)
+        for lane in range(lanes):
+            if lane not in held:
+                work = scheduler.take()
+                assert len(work) == scheduler.share  # a free lane always finds a full share
+                for feed, _ in work:
+                    served[feed.options.camera] += 1
+                held[lane] = (tick + (2 if lane == 0 else 1), work)
+    assert max(served.values()) - min(served.values()) <= scheduler.share, served

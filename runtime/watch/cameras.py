@@ -5,10 +5,11 @@ reconnecting camera never holds up the others. Lanes (threads, see lanes.py) sha
 ``Captioner``. A free lane asks the ``Scheduler`` for work: walking the cameras round-robin from
 where the previous take stopped, it takes the newest frame of each camera that has one, is not
 being captioned by another lane and whose fps cap allows it, passes it through that camera's
-scene gate, and stops at the lane's share of the cameras. The lane captions those frames as one
-batch. A camera is in at most one lane at a time, so its records keep their order and its scene
-gate compares with the frame captioned just before, as with one lane. Captions depend on neither
-their batch nor their lane, so lanes change no caption, only the throughput.
+scene gate, and stops at the lane's share of the cameras (the cameras divided by the lanes). The
+lane captions those frames as one batch. A camera is in at most one lane at a time, so its
+records keep their order and its scene gate compares with the frame captioned just before, as
+with one lane. Captions depend on neither their batch nor their lane, so lanes change no
+caption, only the throughput.
 """
 
 from __future__ import annotations
@@ -129,13 +130,16 @@ class Scheduler:
     """Hands the cameras' frames to the lanes, round-robin, each camera to one lane at a time.
 
     Fairness: each take starts at the camera after the last one the previous take got, and a
-    lane takes at most its share (the cameras divided by the lanes, at most ``max_batch``), so
-    every camera with a fresh frame is reached within a round of takes and none starves.
+    lane takes at most its share, so every camera with a fresh frame is reached within a round of
+    takes and none starves. The share is the cameras divided by the lanes, rounded down (at most
+    ``max_batch``): then a free lane always finds a full share of free cameras, batches are the
+    same size, and a lane that happens to finish sooner serves the cameras in turn rather than
+    one smaller batch of the same cameras over and over.
     """
 
     def __init__(self, feeds: list[CameraFeed], lanes: int, max_batch: int):
         self.feeds = feeds
-        self.share = max(1, min(max_batch, -(-len(feeds) // max(1, lanes))))
+        self.share = max(1, min(max_batch, len(feeds) // max(1, lanes)))
         self.lock = threading.Lock()
         self.busy: set[int] = set()  # indexes of the cameras a lane is captioning
         self.turn = 0  # the camera the next take starts from
