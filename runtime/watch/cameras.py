@@ -104,26 +104,30 @@ def _lane(index: int, scheduler: Scheduler, captioner, out: queue.Queue, stop: t
             began = time.perf_counter()
             try:
                 records = list(_caption_round(captioner, work))
+                if stats is not None:
+                    stats.add(index, len(work), time.perf_counter() - began)
+                # The cameras stay this lane's until their records are out, so another lane's
+                # next caption of the same camera can never be handed out before them.
+                if not _hand_out(records, out, left):
+                    return
             finally:
                 scheduler.release(work)
-            if stats is not None:
-                stats.add(index, len(work), time.perf_counter() - began)
-            for record in records:
-                while not _put(out, record):
-                    if left.is_set():  # nobody reads any more: stop instead of waiting
-                        return
     except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer's thread
         errors.append(exc)
         stop.set()
 
 
-def _put(out: queue.Queue, record: CaptionRecord) -> bool:
-    """Hand ``record`` out; False when the consumer made no room within a short slice."""
-    try:
-        out.put(record, timeout=0.1)
-        return True
-    except queue.Full:
-        return False
+def _hand_out(records: list[CaptionRecord], out: queue.Queue, left: threading.Event) -> bool:
+    """Put every record out, waiting for room; False if the consumer left meanwhile."""
+    for record in records:
+        while True:
+            try:
+                out.put(record, timeout=0.1)
+                break
+            except queue.Full:
+                if left.is_set():  # nobody reads any more: stop instead of waiting
+                    return False
+    return True
 
 
 class Scheduler:
