@@ -84,6 +84,10 @@ def _integer(text: Any) -> int:
         raise ValueError(f"expected an integer, got {str(text)[:40]!r}") from None
 
 
+# Public for the option tables of the front ends (watch's lanes), which parse as these do.
+parse_integer = _integer
+
+
 def _number(text: Any) -> float:
     if isinstance(text, bool):
         raise ValueError(f"expected a number, got {text!r}")
@@ -188,6 +192,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
                            default=None, help=option.help,
                            metavar=option.schema.get("type", "VALUE").upper())
+
+
+def add_option_argument(parser, option: Option, default: Any = None) -> None:
+    """One option as a CLI flag: its spellings, parser, bounds and help (argparse or a group)."""
+    parser.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
+                        default=default, choices=option.choices, help=option.help,
+                        metavar=option.metavar)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | None = None) -> None:

@@ -202,3 +202,29 @@ def test_toml_syntax_errors_and_missing_files(tmp_path):
     assert "no [[camera]] block" in config_error(tmp_path, 'archive = "a.db"\n')
     message = config_error(tmp_path, '[[camera]]\nname = "front door"\nsource = "x"\n')
     assert ":2: camera.name: 'front door': use letters" in message
+
+
+def test_lanes_are_checked_like_every_declared_option(tmp_path, secrets):
+    assert load_config(write(tmp_path, VALID)).lanes is None  # default: one per thread
+    assert load_config(write(tmp_path, "lanes = 2\n" + VALID)).lanes == 2
+    for value, problem in (("0", "must be >= 1"), ("65", "must be <= 64"),
+                           ('"2"', "expected an integer"), ("1.5", "expected an integer"),
+                           ("true", "expected an integer")):
+        text = f"# lanes\nlanes = {value}\n" + VALID
+        assert f"cameras.toml:2: lanes: {problem}" in config_error(tmp_path, text), value
+    text = VALID.replace('name = "yard"', 'name = "yard"\nlanes = 2')
+    assert "camera.lanes: unknown key" in config_error(tmp_path, text)  # one per file, on top
+
+
+def test_lane_plan_gives_the_lanes_every_thread_and_never_exceeds_the_cameras():
+    """A run computes on its lane's thread plus the sessions' pool, which the lanes share: the
+    lanes and the pool together use the threads given."""
+    from edgecap.watch.lanes import plan_lanes
+
+    assert plan_lanes(None, threads=2, cameras=4) == plan_lanes(2, 2, 4)  # one lane per thread
+    assert (plan_lanes(2, 2, 4).lanes, plan_lanes(2, 2, 4).threads) == (2, 1)  # no pool
+    assert plan_lanes(None, threads=2, cameras=1) == plan_lanes(1, 2, 1)  # one camera: one lane
+    assert plan_lanes(1, 2, 1).threads == 2
+    assert (plan_lanes(None, 8, 3).lanes, plan_lanes(None, 8, 3).threads) == (3, 6)
+    assert (plan_lanes(4, 2, 8).lanes, plan_lanes(4, 2, 8).threads) == (4, 1)  # at least one
+    assert str(plan_lanes(2, 2, 2)) == "2 lanes, sessions of 1 thread"

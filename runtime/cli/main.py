@@ -17,7 +17,10 @@ from typing import Sequence
 from .arg_types import positive_int
 from .caption import add_caption_arguments, run_caption
 from ..errors import EdgecapError, OptionsError
-from ..options import add_generation_arguments, add_runtime_arguments, generation_from_args
+from ..options import (
+    add_generation_arguments, add_option_argument, add_runtime_arguments, generation_from_args,
+)
+from ..watch.lanes import LANES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +68,7 @@ def _add_watch_parser(commands) -> None:
                        "[[alert]] tables (see docs/alerts.md); replaces SOURCE")
     watch.add_argument("--metrics-port", type=positive_int, metavar="PORT",
                        help="serve per-camera Prometheus metrics on 127.0.0.1:PORT/metrics")
+    add_option_argument(watch, LANES)
     watch.add_argument("--model", help="export directory (default: the embedded model)")
     watch.add_argument("--fps", type=positive_float,
                        help="at most this many captions per second (files: per second of video; "

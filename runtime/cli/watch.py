@@ -20,6 +20,9 @@ def run_watch(args: argparse.Namespace) -> int:
     if (args.source is None) == (args.config is None):
         print("edgecap: error: give a SOURCE or --config FILE (not both)", file=sys.stderr)
         return 2
+    if args.config is None and (args.lanes or 1) > 1:  # one source: one frame at a time
+        print("edgecap: error: --lanes takes --config (several cameras)", file=sys.stderr)
+        return 2
     if args.config is None and (args.snapshots or args.keep_days or args.max_disk_mb) \
             and not args.archive:
         print("edgecap: error: --snapshots, --keep-days and --max-disk-mb need --archive",
@@ -57,16 +60,21 @@ def run_one(args: argparse.Namespace) -> int:
 
 
 def run_cameras(args: argparse.Namespace) -> int:
-    """Every camera of the config file through one shared model and one inference thread."""
+    """Every camera of the config file through one shared model and its inference lanes."""
     from ..watch.config import load_config
     from ..captioner import Captioner
+    from ..sessions import default_threads
     from ..watch.cameras import watch_cameras
+    from ..watch.lanes import LaneStats, plan_lanes
 
     config = load_config(args.config)
-    captioner = Captioner(args.model, **runtime_from_args(args))
-    stop, ready = threading.Event(), threading.Event()
+    plan = plan_lanes(args.lanes or config.lanes, args.threads or default_threads(),
+                      len(config.cameras))
+    # One set of sessions for every lane, with the threads the lanes' own do not use.
+    captioner = Captioner(args.model, **{**runtime_from_args(args), "cpu_threads": plan.threads})
+    stop, ready, lanes = threading.Event(), threading.Event(), LaneStats(plan.lanes)
     feeds = [_camera_feed(camera, args, captioner, stop, ready) for camera in config.cameras]
-    outputs = _camera_outputs(args, config, feeds)
+    outputs = _camera_outputs(args, config, feeds, lanes)
     if outputs is None:
         for feed in feeds:
             feed.source.stop()
@@ -74,7 +82,8 @@ def run_cameras(args: argparse.Namespace) -> int:
     counts = {camera.name: 0 for camera in config.cameras}
     with _stopped_by_signals(stop):
         try:
-            for record in watch_cameras(feeds, captioner, stop, ready):
+            for record in watch_cameras(feeds, captioner, stop, ready, lanes=plan.lanes,
+                                        stats=lanes):
                 for writer in outputs:
                     writer.add(record)
                 counts[record.camera] += 1
@@ -84,6 +93,7 @@ def run_cameras(args: argparse.Namespace) -> int:
             for feed in feeds:
                 print(f"edgecap: {feed.options.camera}: {counts[feed.options.camera]} captions, "
                       f"{_stats_text(feed.source.stats)}", file=sys.stderr)
+            print(f"edgecap: {plan}: {lanes.summary()}", file=sys.stderr)
     return 1 if any(feed.source.stats.read_errors for feed in feeds) else 0
 
 
@@ -169,7 +179,7 @@ def open_outputs(args: argparse.Namespace, camera: str, extra: tuple = ()) -> li
     return outputs
 
 
-def _camera_outputs(args: argparse.Namespace, config, feeds) -> list | None:
+def _camera_outputs(args: argparse.Namespace, config, feeds, lanes) -> list | None:
     """The config file's archive settings (the command line's win), alerts and metrics."""
     if args.srt or args.vtt:
         print("edgecap: error: --srt/--vtt take one source; with --config use the archive "
@@ -183,7 +193,7 @@ def _camera_outputs(args: argparse.Namespace, config, feeds) -> list | None:
     if config.alerts or config.state_topic:
         extra.append(lambda: AlertOutput(config))
     if args.metrics_port:
-        extra.append(lambda: MetricsOutput(config, feeds, args.metrics_port))
+        extra.append(lambda: MetricsOutput(config, feeds, args.metrics_port, lanes))
     if config.discovery:
         extra.append(lambda: DiscoveryOutput(config))
     outputs = open_outputs(merged, "", tuple(extra))
@@ -226,13 +236,14 @@ class DiscoveryOutput:
 
 
 class MetricsOutput:
-    """Per-camera Prometheus counters, served on 127.0.0.1:PORT/metrics."""
+    """Per-camera and per-lane Prometheus counters, served on 127.0.0.1:PORT/metrics."""
 
-    def __init__(self, config, feeds, port: int):
+    def __init__(self, config, feeds, port: int, lanes):
         from ..watch.metrics import CameraMetrics, start_metrics_server
 
         self.feeds = feeds
         self.metrics = CameraMetrics([camera.name for camera in config.cameras])
+        self.metrics.track_lanes(lanes)
         self.reconnects = {feed.options.camera: 0 for feed in feeds}
         self.server = start_metrics_server(self.metrics, port)
 

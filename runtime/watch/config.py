@@ -25,8 +25,10 @@ from ..alerts.rules import DEFAULT_COOLDOWN_S, AlertError, AlertRule, check_fts_
 from ..errors import EdgecapError
 from ..options import GENERATION, OptionsError
 from ..secret_files import looks_secret, redact_url, secret_in_url, warn_if_readable
+from .lanes import LANES
 
-TOP_KEYS = ("archive", "snapshots", "keep_days", "max_disk_mb", "mqtt", "camera", "alert")
+TOP_KEYS = ("archive", "snapshots", "keep_days", "max_disk_mb", "lanes", "mqtt", "camera",
+            "alert")
 # The names (argparse dests) of `edgecap watch`'s per-camera flags, and their checks.
 WATCH_OPTIONS = ("fps", "scene_threshold", "heartbeat", "changes_only", "realtime", "timeout_s")
 CAMERA_KEYS = ("name", "source", *WATCH_OPTIONS, *(o.name for o in GENERATION))
@@ -80,6 +82,7 @@ class WatchConfig:
     snapshots: Path | None = None
     keep_days: float | None = None
     max_disk_mb: float | None = None
+    lanes: int | None = None  # inference lanes (None: the command line's, else one per thread)
     mqtt: MqttBroker | None = None  # [mqtt]: the default broker of alerts and camera state
     state_topic: str | None = None  # [mqtt] state_topic: PREFIX/CAMERA/state, retained
     discovery: bool = False  # [mqtt] discovery: announce entities to Home Assistant
@@ -262,8 +265,8 @@ def _watch_config(top: _Table) -> WatchConfig:
     alerts = [_alert(t, names, broker, mqtt) for t in _blocks(top, "alert", required=False)]
     return WatchConfig(path=top.source.path, cameras=cameras, alerts=alerts, archive=archive,
                        snapshots=snapshots, keep_days=top.number("keep_days"),
-                       max_disk_mb=top.number("max_disk_mb"), mqtt=broker, state_topic=state_topic,
-                       **discovery)
+                       max_disk_mb=top.number("max_disk_mb"), lanes=_generation(top, LANES),
+                       mqtt=broker, state_topic=state_topic, **discovery)
 
 
 def _discovery(mqtt: _Table, state_topic: str | None) -> dict[str, Any]:
@@ -321,7 +324,8 @@ def _camera(table: _Table) -> CameraConfig:
 
 
 def _generation(table: _Table, option) -> Any:
-    """A generation option: TOML's own type first (no numbers in strings), then its bounds."""
+    """A generation option, or another declared ``Option`` (lanes): TOML's own type first (no
+    numbers in strings), then its bounds."""
     kind = option.schema.get("type")
     if kind == "integer":
         value = table.get(option.name, int, "an integer")

@@ -1,7 +1,8 @@
-"""Prometheus metrics of ``edgecap watch --config``: per camera, on their own registry.
+"""Prometheus metrics of ``edgecap watch --config``: per camera and lane, on their own registry.
 
-The scheduler counts captions, dropped frames and reconnects as they happen; alert counts are
-read from ``Alerts.stats()`` when Prometheus scrapes, so the alert workers never touch metrics.
+The scheduler counts captions, dropped frames and reconnects as they happen; alert and lane
+counts are read from ``Alerts.stats()`` and ``LaneStats`` when Prometheus scrapes, so neither
+the alert workers nor the lanes ever touch metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ class _AlertCollector(Collector):
         yield from families.values()
 
 
+class _LaneCollector(Collector):
+    """Captions and busy seconds per inference lane, read from ``LaneStats`` at scrape time."""
+
+    def __init__(self, stats: Any):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        captions = CounterMetricFamily("edgecap_lane_captions_total", "Captions made by each "
+                                       "inference lane", labels=["lane"])
+        busy = CounterMetricFamily("edgecap_lane_busy_seconds_total", "Seconds each inference "
+                                   "lane spent captioning", labels=["lane"])
+        for index, lane in enumerate(self._stats.snapshot()):
+            captions.add_metric([str(index)], lane["captions"])
+            busy.add_metric([str(index)], lane["busy_s"])
+        yield from (captions, busy)
+
+
 class CameraMetrics:
     """Per-camera counters for the multi-camera watcher.
 
@@ -74,6 +92,10 @@ class CameraMetrics:
     def reconnect(self, camera: str) -> None:
         """Count one reopening of ``camera``'s source."""
         self.reconnects.labels(camera=camera).inc()
+
+    def track_lanes(self, stats: Any) -> None:
+        """Expose ``stats`` (an ``edgecap.watch.lanes.LaneStats``) as the per-lane metrics."""
+        self.registry.register(_LaneCollector(stats))
 
     def track_alerts(self, alerts: Any) -> None:
         """Expose ``alerts.stats()`` (an ``edgecap.alerts.Alerts``) as the alert metrics."""
