@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgecap.archive.store import Archive, events
+from edgecap.archive import Archive, events
 
 SUBJECTS = ["man", "woman", "person", "boy", "girl", "child", "dog", "cat", "group of people",
             "couple", "delivery driver", "cyclist", "car", "truck", "van", "bus", "bird",

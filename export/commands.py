@@ -19,6 +19,14 @@ from .train.config import add_train_arguments, config_from_args
 
 
 def register(commands) -> None:
+    """Add the toolchain's subcommands (in the order --help lists them) to ``commands``."""
+    _add_export(commands)
+    _add_training(commands)
+    _add_checkpoint_exports(commands)
+    _add_evaluation(commands)
+
+
+def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="export a model to edgecap's ONNX graphs (needs [export] extra)",
         description="Export a Hugging Face VisionEncoderDecoderModel (ViT/DeiT encoder, GPT-2 "
@@ -33,6 +41,8 @@ def register(commands) -> None:
     add_quantize_arguments(export)
     export.set_defaults(handler=run_export)
 
+
+def _add_training(commands) -> None:
     train = commands.add_parser(
         "train", help="train a captioner on caption folders (needs [export] extra)",
         description="Train a frozen EfficientNet-Lite + small GPT-2 captioner with "
@@ -62,6 +72,9 @@ def register(commands) -> None:
     add_presence_arguments(presence)
     presence.set_defaults(handler=run_train_presence)
 
+
+def _add_checkpoint_exports(commands) -> None:
+    """export-trained and export-prefix: checkpoints of edgecap's own training and ClipCap's."""
     export_trained = commands.add_parser(
         "export-trained", help="export a checkpoint written by `edgecap train`",
         description="Export a training checkpoint directory (encoder.pt, decoder/, id_map.json) "
@@ -90,6 +103,9 @@ def register(commands) -> None:
     add_quantize_arguments(export_prefix, decoder_graph=False)
     export_prefix.set_defaults(handler=run_export_prefix)
 
+
+def _add_evaluation(commands) -> None:
+    """quality-report (a quantized export against its fp32 one) and eval (a dataset split)."""
     report = commands.add_parser(
         "quality-report", help="what quantization cost: a quantized export vs its fp32 export",
         description="Caption the same images with both exports: identical-caption share, token "

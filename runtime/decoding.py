@@ -14,7 +14,7 @@ import numpy as np
 
 from .grounding import PresenceGate, ban_gated_words
 from .manifest import GenerationOptions
-from .runner import GraphRunner
+from .runner import DecoderState, GraphRunner
 
 NEG = np.float32(-1.0e9)  # transformers' "never pick this" offset
 
@@ -141,14 +141,10 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
     top_mask = np.arange(keep) < beams
     batch_rows = np.arange(batch)[:, None]
 
+    row_gates = None if gates is None else [g for g in gates for _ in range(beams)]
     cur_len = 1
     while True:
-        logits = runner.step(state, running[:, :, cur_len - 1].reshape(-1))
-        seen = running[:, :, 1 - state.prompt_len : cur_len]  # what transformers' processors see
-        flat = seen.reshape(batch * beams, seen.shape[2])  # explicit width: it may be zero
-        row_gates = None if gates is None else [g for g in gates for _ in range(beams)]
-        log_probs = process_scores(log_softmax(logits), flat, options, eos_id, state.prompt_len,
-                                   row_gates)
+        log_probs = _beam_log_probs(runner, state, running, cur_len, options, eos_id, row_gates)
         vocab = log_probs.shape[-1]
         totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
 
@@ -189,6 +185,18 @@ def beam_search(runner: GraphRunner, cross: list[np.ndarray], options: Generatio
             for image in range(batch)]
 
 
+def _beam_log_probs(runner: GraphRunner, state: DecoderState, running: np.ndarray, cur_len: int,
+                    options: GenerationOptions, eos_id: int,
+                    row_gates: list[list[PresenceGate]] | None) -> np.ndarray:
+    """One decoder step for every running beam: next-token log-probabilities [rows, vocab]
+    after the logits processors."""
+    logits = runner.step(state, running[:, :, cur_len - 1].reshape(-1))
+    seen = running[:, :, 1 - state.prompt_len : cur_len]  # what transformers' processors see
+    images, beams, width = seen.shape
+    flat = seen.reshape(images * beams, width)  # explicit shape: the width may be zero
+    return process_scores(log_softmax(logits), flat, options, eos_id, state.prompt_len, row_gates)
+
+
 def _start_beams(batch: int, beams: int, max_length: int, start_id: int, eos_id: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Running sequences [batch, beams, max_length] (start token, then EOS padding) and scores."""
@@ -223,10 +231,10 @@ def _merge_finished(kept: tuple[np.ndarray, np.ndarray, np.ndarray], candidates:
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest per row, best first; equal scores in index order.
 
-    Beam search asks this of beams x vocabulary scores every step (201k values for 4 beams of
-    GPT-2), where a full ``argpartition`` took 14% of a caption. A strided sample's k-th largest
-    value is a lower bound for the row's k-th largest, so only the few values at or above it
-    (about k x stride) need ranking; the result is exact.
+    Beam search asks this of beams x vocabulary scores every step, where a full
+    ``argpartition`` of each row is a visible share of a caption's time. A strided sample's k-th
+    largest value is a lower bound for the row's k-th largest, so only the few values at or
+    above it (about k x stride) need ranking; the result is exact.
     """
     rows, width = scores.shape
     if rows == 0:
@@ -254,7 +262,9 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     return np.stack(picked)
 
 
-_SAMPLE_PER_K = 64  # sample size per wanted index: ~1% of GPT-2's 4 x 50,257 scores for k=8
+# Sample size per wanted index: a small fraction of a beams x vocabulary row, yet enough
+# that the sample's floor lets only a few values more than k through to the ranking.
+_SAMPLE_PER_K = 64
 
 
 def _ranked(row: np.ndarray, indices: np.ndarray) -> np.ndarray:

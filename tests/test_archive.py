@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecap.archive.store import Archive, ArchiveError, Hit, events, parse_time
+from edgecap.archive import Archive, ArchiveError, Hit, events, parse_time
 from edgecap.cli.main import main
 from edgecap.errors import EdgecapError
 
@@ -437,3 +437,76 @@ def test_version_1_archive_gains_tags_when_opened_to_write(tmp_path):
         archive.add(record("a man at the gate", 1, tags=tagged(0.9)))
         assert captions(archive.search("tag:person")) == ["a man at the gate"]
         assert captions(archive.search("man")) == ["a man at the gate", "a man at the door"]
+
+
+def test_search_parameters_are_declared_once(archive_path, capsys):
+    """The CLI's flags, the HTTP fields and the OpenAPI parameters all come from SEARCH_FIELDS,
+    and the same search asked both ways is the same SearchQuery."""
+    from edgecap.archive import SearchQuery
+    from edgecap.archive.query import SEARCH_FIELDS
+    from edgecap.serve.openapi import openapi_document
+
+    documented = openapi_document(archive=True)["paths"]["/v1/events"]["get"]["parameters"]
+    assert [p["name"] for p in documented] == [f.name for f in SEARCH_FIELDS]
+    assert "gap" in {p["name"] for p in documented}
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    usage = capsys.readouterr().out
+    assert all(f"--{f.name}" in usage for f in SEARCH_FIELDS if f.name != "q")
+    http = SearchQuery.from_fields({"q": "door", "camera": "front", "since": "2026-11-25T07:00Z",
+                                    "limit": "3", "gap": "20", "frames": "true"})
+    parser = __import__("argparse").ArgumentParser()
+    SearchQuery.add_arguments(parser)
+    cli = SearchQuery.from_args(parser.parse_args(["door", "--camera", "front", "--since",
+                                                   "2026-11-25T07:00Z", "--limit", "3",
+                                                   "--gap", "20", "--frames"]))
+    assert http == cli
+    assert SearchQuery.from_fields({"q": "door"}) == SearchQuery.from_args(
+        parser.parse_args(["door"]))
+
+
+def test_search_bounds_hold_on_the_cli_too(archive_path, capsys):
+    """A gap the HTTP API refuses is a usage error on the CLI; the hit limit caps only what one
+    HTTP request may ask for."""
+    from edgecap.archive import SearchQuery
+
+    for bad in ("-1", "nan", "1e999"):
+        with pytest.raises(SystemExit) as info:
+            main(["search", "door", "--db", str(archive_path), "--gap", bad])
+        assert info.value.code == 2 and "gap" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="gap must be"):
+            SearchQuery.from_fields({"q": "door", "gap": bad})
+    assert main(["search", "a", "--db", str(archive_path), "--frames", "--limit", "5000"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(CAPTIONS)
+    with pytest.raises(ValueError, match="limit must be an integer from 1 to 1000"):
+        SearchQuery.from_fields({"q": "door", "limit": "5000"})
+
+
+def test_hits_and_events_serialise_themselves(archive_path, tmp_path):
+    """One JSON form for the CLI and the server; the server's names snapshots by URL only."""
+    snap = tmp_path / "snap.jpg"
+    snap.write_bytes(b"\xff\xd8jpeg")
+    with Archive.open(archive_path) as archive:
+        archive.add(record("a cat on the door mat", 1, snapshot=str(snap)))
+        hit = archive.search("mat")[0]
+        event = events(archive.search("door"))[0]
+    assert json.loads(json.dumps(hit.to_dict()))["snapshot"] == str(snap)
+    served = hit.to_dict(snapshot_url=lambda i: f"/snap/{i}")
+    assert "snapshot" not in served and served["snapshot_url"] == f"/snap/{hit.id}"
+    assert list(served) == [*list(hit.to_dict())[:-2], "rank", "snapshot_url"]
+    assert "hits" not in event.to_dict() and event.to_dict()["ids"] == event.ids
+    assert event.to_dict(snapshot_url=lambda i: f"/snap/{i}")["snapshot_url"] == f"/snap/{hit.id}"
+
+
+def test_alert_rules_match_what_search_finds(archive_path):
+    """Alerts index a caption with the archive's own tokenizer, so a rule's query and an
+    `edgecap search` for it agree on every caption."""
+    from edgecap.alerts.rules import AlertRule, CaptionMatcher, CommandTarget
+
+    queries = ["dogs", "man door", '"red car"', "cat*", "walk*", "man NOT dog", "sitting OR bags"]
+    target = CommandTarget(("true",))
+    matcher = CaptionMatcher([AlertRule(match=q, targets=(target,)) for q in queries])
+    with Archive.open(archive_path, readonly=True) as archive:
+        for text, _, _ in CAPTIONS:
+            found = {q for q in queries if text in captions(archive.search(q))}
+            assert {q for q, hit in zip(queries, matcher.matches(text)) if hit} == found, text

@@ -17,7 +17,8 @@ ROOTS = {"runtime": "edgecap", "export": "edgecap.export"}
 # `edgecap.distributed.caption_dataset` stays where users import it from.
 ALLOWED = {
     "archive": set(),
-    "alerts": set(),
+    # Rules match captions with the archive's search syntax, so they share its FTS tokenizer.
+    "alerts": {"archive"},
     "watch": {"alerts", "archive"},
     "serve": {"archive"},
     "distributed": set(),

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from edgecap.archive.store import Archive, ArchiveError, parse_time
-from edgecap.archive.limits import QueryLimits, QueryRefused
+from edgecap.archive import Archive, ArchiveError, parse_time
+from edgecap.archive import QueryLimits, QueryRefused
 
 pytest.importorskip("starlette")
 from test_server import Server, request  # noqa: E402

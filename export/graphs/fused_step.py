@@ -67,127 +67,167 @@ class _Builder:
 
 def build_fused_step(lm_model) -> onnx.ModelProto:
     """GPT2LMHeadModel (with cross-attention) -> the decoder step graph as an ONNX model."""
-    config = lm_model.config
-    check_fusable(config)
+    check_fusable(lm_model.config)
     tf = lm_model.transformer
-    layers, heads, width = config.n_layer, config.n_head, config.n_embd
-    head_dim = width // heads
-    eps = float(config.layer_norm_epsilon)
-    past, cross_kv, present = past_names(layers), cross_names(layers), present_names(layers)
-    b = _Builder()
+    g = _StepGraph(lm_model.config)
+    embedding = g.embed(tf.wte.weight, lm_model.lm_head.weight, tf.wpe.weight)
+    g.group_cross_rows()
+    x = g.first_norm(tf.h[0].ln_1)
+    for i, block in enumerate(tf.h):
+        x = g.self_attention(i, block, x)
+        x = g.cross_attention(i, block, x)
+        # The next layer's first norm takes this layer's residual; after the last, ln_f does.
+        last = i + 1 == g.layers
+        x = g.mlp(i, block, x, tf.ln_f if last else tf.h[i + 1].ln_1,
+                  "ln_f" if last else f"h.{i + 1}.ln_1")
+    g.logits(x, embedding)
+    return g.model()
 
-    # The head is a MatMul on "output_embedding" [width, vocab]. A tied embedding is that same
-    # matrix, stored once: the lookup gathers its columns (the int8/int4 passes rewire this Gather
-    # to share the quantized matrix). An untied one is its own table.
-    wte, head = tf.wte.weight, lm_model.lm_head.weight
-    tied = wte.data_ptr() == head.data_ptr()
-    embedding = b.const("output_embedding", head.detach().float().numpy().T)
-    if tied:
-        columns = b.node("Gather", [embedding, INPUT_IDS], 1, "embed/gather", axis=1)[0]
-        tokens = b.node("Transpose", [columns], 1, "embed/transpose", perm=[1, 2, 0])[0]
-    else:
-        table = b.param("wte", wte)
-        tokens = b.node("Gather", [table, INPUT_IDS], 1, "embed/gather", axis=0)[0]
-    # The new token's position is the cache length, read from the first cache's shape.
-    position = b.node("Shape", [past[0]], 1, "embed/past_len", start=2, end=3)[0]
-    positions = b.node("Gather", [b.param("wpe", tf.wpe.weight), position], 1, "embed/wpe", axis=0)[0]
-    hidden = b.node("Add", [tokens, positions], 1, "embed/add")[0]  # [rows, 1, width]
 
-    # Cross-attention groups an image's beams as that image's query rows: [images, beams, width].
-    images = b.node("Shape", [cross_kv[0]], 1, "cross/images", start=0, end=1)[0]
-    grouped_shape = b.node("Concat", [images, b.const("cross/rest", np.array([-1, width], np.int64))],
-                           1, "cross/grouped_shape", axis=0)[0]
-    row_shape = b.const("cross/row_shape", np.array([-1, 1, width], np.int64))
+class _StepGraph(_Builder):
+    """The fused step graph, layer by layer; ``hidden`` is the residual stream so far."""
 
-    def linear(x: str, conv1d, name: str, with_bias: bool = False) -> str:
-        inputs = [x, b.param(f"{name}.weight", conv1d.weight)]
-        out = b.node("MatMul", inputs, 1, f"{name}/MatMul")[0]
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layers, self.heads, self.width = config.n_layer, config.n_head, config.n_embd
+        self.head_dim = self.width // self.heads
+        self.eps = float(config.layer_norm_epsilon)
+        self.past, self.cross_kv = past_names(self.layers), cross_names(self.layers)
+        self.present = present_names(self.layers)
+        self.hidden = ""
+
+    def embed(self, wte, head, wpe) -> str:
+        """Token + position embedding into ``hidden``; returns the head's matrix."""
+        # The head is a MatMul on "output_embedding" [width, vocab]. A tied embedding is that
+        # same matrix, stored once: the lookup gathers its columns (the int8/int4 passes rewire
+        # this Gather to share the quantized matrix). An untied one is its own table.
+        tied = wte.data_ptr() == head.data_ptr()
+        embedding = self.const("output_embedding", head.detach().float().numpy().T)
+        if tied:
+            columns = self.node("Gather", [embedding, INPUT_IDS], 1, "embed/gather", axis=1)[0]
+            tokens = self.node("Transpose", [columns], 1, "embed/transpose", perm=[1, 2, 0])[0]
+        else:
+            table = self.param("wte", wte)
+            tokens = self.node("Gather", [table, INPUT_IDS], 1, "embed/gather", axis=0)[0]
+        # The new token's position is the cache length, read from the first cache's shape.
+        position = self.node("Shape", [self.past[0]], 1, "embed/past_len", start=2, end=3)[0]
+        positions = self.node("Gather", [self.param("wpe", wpe), position], 1, "embed/wpe",
+                              axis=0)[0]
+        self.hidden = self.node("Add", [tokens, positions], 1, "embed/add")[0]  # [rows, 1, width]
+        return embedding
+
+    def group_cross_rows(self) -> None:
+        """Cross-attention groups an image's beams as that image's query rows:
+        [images, beams, width]; these shapes group and ungroup them."""
+        images = self.node("Shape", [self.cross_kv[0]], 1, "cross/images", start=0, end=1)[0]
+        rest = self.const("cross/rest", np.array([-1, self.width], np.int64))
+        self.grouped_shape = self.node("Concat", [images, rest], 1, "cross/grouped_shape",
+                                       axis=0)[0]
+        self.row_shape = self.const("cross/row_shape", np.array([-1, 1, self.width], np.int64))
+
+    def linear(self, x: str, conv1d, name: str, with_bias: bool = False) -> str:
+        inputs = [x, self.param(f"{name}.weight", conv1d.weight)]
+        out = self.node("MatMul", inputs, 1, f"{name}/MatMul")[0]
         if with_bias:
-            out = b.node("Add", [out, b.param(f"{name}.bias", conv1d.bias)], 1, f"{name}/Add")[0]
+            out = self.node("Add", [out, self.param(f"{name}.bias", conv1d.bias)], 1,
+                            f"{name}/Add")[0]
         return out
 
-    def scale_for(i: int) -> float:
-        scale = 1.0 / float(head_dim) ** 0.5 if config.scale_attn_weights else 1.0
-        return scale / float(i + 1) if config.scale_attn_by_inverse_layer_idx else scale
+    def scale_for(self, i: int) -> float:
+        scale = 1.0 / float(self.head_dim) ** 0.5 if self.config.scale_attn_weights else 1.0
+        return scale / float(i + 1) if self.config.scale_attn_by_inverse_layer_idx else scale
 
-    # The first layer norm has no residual to fold in; every later one is a SkipLayerNormalization
-    # that also returns the residual sum (its fourth output).
-    first = tf.h[0].ln_1
-    x = b.node("LayerNormalization", [hidden, b.param("h.0.ln_1.weight", first.weight),
-                                      b.param("h.0.ln_1.bias", first.bias)], 1,
-               "h.0.ln_1", axis=-1, epsilon=eps)[0]
+    def first_norm(self, norm) -> str:
+        """The first layer norm has no residual to fold in; every later one is a
+        SkipLayerNormalization that also returns the residual sum (its fourth output)."""
+        weight, bias = self.param("h.0.ln_1.weight", norm.weight), self.param("h.0.ln_1.bias",
+                                                                              norm.bias)
+        return self.node("LayerNormalization", [self.hidden, weight, bias], 1, "h.0.ln_1",
+                         axis=-1, epsilon=self.eps)[0]
 
-    def skip_norm(update: str, norm, bias: str, name: str) -> str:
+    def skip_norm(self, update: str, norm, bias: str, name: str) -> str:
         """hidden += update + bias; returns norm(hidden). One kernel for add, add and norm."""
-        nonlocal hidden
         outs = [f"{name}/out", "", "", f"{name}/residual"]
-        b.node("SkipLayerNormalization",
-               [update, hidden, b.param(f"{name}.weight", norm.weight), b.param(f"{name}.bias", norm.bias),
-                bias], outs, name, domain=MS_DOMAIN, epsilon=eps)
-        hidden = outs[3]
+        self.node("SkipLayerNormalization",
+                  [update, self.hidden, self.param(f"{name}.weight", norm.weight),
+                   self.param(f"{name}.bias", norm.bias), bias], outs, name, domain=MS_DOMAIN,
+                  epsilon=self.eps)
+        self.hidden = outs[3]
         return outs[0]
 
-    for i, block in enumerate(tf.h):
-        p = f"h.{i}"
-        # Self-attention: one MatMul for q|k|v; MultiHeadAttention adds the bias, appends k/v to
-        # the cache (present_*), and attends with the new row over the whole cache.
-        qkv = linear(x, block.attn.c_attn, f"{p}.attn.c_attn")
-        q, k, v = b.node("Split", [qkv, b.const(f"{p}.attn/split", np.array([width] * 3, np.int64))],
-                         3, f"{p}.attn/split", axis=2)
-        attended = b.node(
+    def self_attention(self, i: int, block, x: str) -> str:
+        """One MatMul for q|k|v; MultiHeadAttention adds the bias, appends k/v to the cache
+        (present_*), and attends with the new row over the whole cache."""
+        p, width, attn = f"h.{i}", self.width, block.attn
+        qkv = self.linear(x, attn.c_attn, f"{p}.attn.c_attn")
+        q, k, v = self.node("Split", [qkv, self.const(f"{p}.attn/split",
+                                                      np.array([width] * 3, np.int64))],
+                            3, f"{p}.attn/split", axis=2)
+        attended = self.node(
             "MultiHeadAttention",
-            [q, k, v, b.param(f"{p}.attn.c_attn.bias", block.attn.c_attn.bias), "", "",
-             past[2 * i], past[2 * i + 1]],
-            [f"{p}.attn/out", present[2 * i], present[2 * i + 1]],
-            f"{p}.attn/mha", domain=MS_DOMAIN, num_heads=heads, scale=scale_for(i))[0]
-        update = linear(attended, block.attn.c_proj, f"{p}.attn.c_proj")
-        x = skip_norm(update, block.ln_cross_attn, b.param(f"{p}.attn.c_proj.bias", block.attn.c_proj.bias),
-                         f"{p}.ln_cross_attn")
+            [q, k, v, self.param(f"{p}.attn.c_attn.bias", attn.c_attn.bias), "", "",
+             self.past[2 * i], self.past[2 * i + 1]],
+            [f"{p}.attn/out", self.present[2 * i], self.present[2 * i + 1]],
+            f"{p}.attn/mha", domain=MS_DOMAIN, num_heads=self.heads, scale=self.scale_for(i))[0]
+        update = self.linear(attended, attn.c_proj, f"{p}.attn.c_proj")
+        return self.skip_norm(update, block.ln_cross_attn,
+                              self.param(f"{p}.attn.c_proj.bias", attn.c_proj.bias),
+                              f"{p}.ln_cross_attn")
 
-        # Cross-attention against the image's precomputed K/V ([images, heads, S, head_dim]).
-        cross = block.crossattention
-        query = linear(x, cross.q_attn, f"{p}.crossattention.q_attn", with_bias=True)
-        query = b.node("Reshape", [query, grouped_shape], 1, f"{p}.crossattention/group")[0]
-        attended = b.node("MultiHeadAttention", [query, cross_kv[2 * i], cross_kv[2 * i + 1]], 1,
-                          f"{p}.crossattention/mha", domain=MS_DOMAIN, num_heads=heads,
-                          scale=scale_for(i))[0]
-        attended = b.node("Reshape", [attended, row_shape], 1, f"{p}.crossattention/ungroup")[0]
-        update = linear(attended, cross.c_proj, f"{p}.crossattention.c_proj")
-        x = skip_norm(update, block.ln_2, b.param(f"{p}.crossattention.c_proj.bias", cross.c_proj.bias),
-                         f"{p}.ln_2")
+    def cross_attention(self, i: int, block, x: str) -> str:
+        """Against the image's precomputed K/V ([images, heads, S, head_dim])."""
+        p, cross = f"h.{i}", block.crossattention
+        query = self.linear(x, cross.q_attn, f"{p}.crossattention.q_attn", with_bias=True)
+        query = self.node("Reshape", [query, self.grouped_shape], 1, f"{p}.crossattention/group")[0]
+        attended = self.node("MultiHeadAttention", [query, self.cross_kv[2 * i],
+                                                    self.cross_kv[2 * i + 1]], 1,
+                             f"{p}.crossattention/mha", domain=MS_DOMAIN, num_heads=self.heads,
+                             scale=self.scale_for(i))[0]
+        attended = self.node("Reshape", [attended, self.row_shape], 1,
+                             f"{p}.crossattention/ungroup")[0]
+        update = self.linear(attended, cross.c_proj, f"{p}.crossattention.c_proj")
+        return self.skip_norm(update, block.ln_2,
+                              self.param(f"{p}.crossattention.c_proj.bias", cross.c_proj.bias),
+                              f"{p}.ln_2")
 
-        # MLP: the activation kernel takes the first projection's bias.
-        mlp = block.mlp
-        up = linear(x, mlp.c_fc, f"{p}.mlp.c_fc")
-        fc_bias = b.param(f"{p}.mlp.c_fc.bias", mlp.c_fc.bias)
-        if config.activation_function in FAST_GELU:
-            activated = b.node("FastGelu", [up, fc_bias], 1, f"{p}.mlp.act", domain=MS_DOMAIN)[0]
-        else:
-            activated = b.node("BiasGelu", [up, fc_bias], 1, f"{p}.mlp.act", domain=MS_DOMAIN)[0]
-        update = linear(activated, mlp.c_proj, f"{p}.mlp.c_proj")
-        bias = b.param(f"{p}.mlp.c_proj.bias", mlp.c_proj.bias)
-        if i + 1 < layers:  # the next layer's first norm takes this layer's residual
-            x = skip_norm(update, tf.h[i + 1].ln_1, bias, f"h.{i + 1}.ln_1")
-        else:
-            x = skip_norm(update, tf.ln_f, bias, "ln_f")
+    def mlp(self, i: int, block, x: str, next_norm, next_name: str) -> str:
+        """The activation kernel takes the first projection's bias; ``next_norm`` (named
+        ``next_name``) folds in the second's."""
+        p, mlp = f"h.{i}", block.mlp
+        up = self.linear(x, mlp.c_fc, f"{p}.mlp.c_fc")
+        fc_bias = self.param(f"{p}.mlp.c_fc.bias", mlp.c_fc.bias)
+        op = "FastGelu" if self.config.activation_function in FAST_GELU else "BiasGelu"
+        activated = self.node(op, [up, fc_bias], 1, f"{p}.mlp.act", domain=MS_DOMAIN)[0]
+        update = self.linear(activated, mlp.c_proj, f"{p}.mlp.c_proj")
+        bias = self.param(f"{p}.mlp.c_proj.bias", mlp.c_proj.bias)
+        return self.skip_norm(update, next_norm, bias, next_name)
 
-    # Flatten the width-sized rows before the head, not the vocabulary-sized logits after it:
-    # a Reshape of the logits would copy rows x vocabulary floats every step.
-    rows = b.node("Reshape", [x, b.const("lm_head/rows", np.array([-1, width], np.int64))], 1,
-                  "lm_head/rows")[0]
-    b.node("MatMul", [rows, embedding], [LOGITS], "lm_head/MatMul")
+    def logits(self, x: str, embedding: str) -> None:
+        # Flatten the width-sized rows before the head, not the vocabulary-sized logits after
+        # it: a Reshape of the logits would copy rows x vocabulary floats every step.
+        rows = self.node("Reshape", [x, self.const("lm_head/rows",
+                                                   np.array([-1, self.width], np.int64))], 1,
+                         "lm_head/rows")[0]
+        self.node("MatMul", [rows, embedding], [LOGITS], "lm_head/MatMul")
 
-    def tensor(name: str, dims) -> onnx.ValueInfoProto:
-        elem = TensorProto.INT64 if name == INPUT_IDS else TensorProto.FLOAT
-        return helper.make_tensor_value_info(name, elem, dims)
+    def model(self) -> onnx.ModelProto:
+        """The graph with its named, dynamically shaped inputs and outputs."""
+        heads, head_dim = self.heads, self.head_dim
 
-    inputs = [tensor(INPUT_IDS, ["rows", 1])]
-    inputs += [tensor(name, ["rows", heads, "past_len", head_dim]) for name in past]
-    inputs += [tensor(name, ["images", heads, "encoder_len", head_dim]) for name in cross_kv]
-    outputs = [tensor(LOGITS, ["rows", config.vocab_size])]
-    outputs += [tensor(name, ["rows", heads, "total_len", head_dim]) for name in present]
-    graph = helper.make_graph(b.nodes, "edgecap_decoder_step_fused", inputs, outputs, b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                     helper.make_opsetid(MS_DOMAIN, 1)])
-    model.producer_name = "edgecap"
-    return model
+        def tensor(name: str, dims) -> onnx.ValueInfoProto:
+            elem = TensorProto.INT64 if name == INPUT_IDS else TensorProto.FLOAT
+            return helper.make_tensor_value_info(name, elem, dims)
+
+        inputs = [tensor(INPUT_IDS, ["rows", 1])]
+        inputs += [tensor(name, ["rows", heads, "past_len", head_dim]) for name in self.past]
+        inputs += [tensor(name, ["images", heads, "encoder_len", head_dim])
+                   for name in self.cross_kv]
+        outputs = [tensor(LOGITS, ["rows", self.config.vocab_size])]
+        outputs += [tensor(name, ["rows", heads, "total_len", head_dim]) for name in self.present]
+        graph = helper.make_graph(self.nodes, "edgecap_decoder_step_fused", inputs, outputs,
+                                  self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                         helper.make_opsetid(MS_DOMAIN, 1)])
+        model.producer_name = "edgecap"
+        return model

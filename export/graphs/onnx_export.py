@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,13 @@ from torch import nn
 from edgecap.manifest import (
     GROUNDING_OUTPUTS, INPUT_IDS, LOGITS, PIXEL_VALUES, GenerationOptions, Manifest, Preprocessing, past_names,
 )
-from edgecap.preprocess import RESAMPLE
 
 from .fused_step import FUSED_GRAPH_REVISION, UnsupportedForFusion, build_fused_step, check_fusable
+from .hf_source import generation_defaults, load_pretrained, preprocessing_from_processor
 from .modules import DecoderStepGraph, EncoderGraph, HFVisionEncoder, input_output_names
+from .tracing import OPSET, PARITY_TOLERANCE, ExportError, export_traced, sample_pixels
 
 log = logging.getLogger("edgecap.export")
-
-OPSET = 17
-# fp32 graphs vs torch: kernels differ in summation order only, so anything above this is a bug.
-PARITY_TOLERANCE = 1e-3
-
-
-class ExportError(RuntimeError):
-    """The export could not be produced, or its graphs disagree with PyTorch."""
 
 
 def export_pretrained(src: str | Path, out_dir: str | Path, *, check_steps: int = 4,
@@ -63,7 +55,7 @@ def export_pretrained(src: str | Path, out_dir: str | Path, *, check_steps: int 
     Raises:
         ExportError: ``src`` cannot be loaded, the model is unsupported, or parity fails.
     """
-    model, processor, tokenizer, provenance = _load_pretrained(src)
+    model, processor, tokenizer, provenance = load_pretrained(src)
     if model.decoder.config.model_type != "gpt2":
         raise ExportError(f"decoder is {model.decoder.config.model_type!r}; only gpt2 is supported")
     if not getattr(tokenizer, "is_fast", False):
@@ -93,134 +85,12 @@ def export_pretrained(src: str | Path, out_dir: str | Path, *, check_steps: int 
         )
 
 
-def _load_pretrained(src: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(model, image processor, tokenizer, provenance) from a folder or a model id."""
-    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
-
-    folder = Path(src)
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise ExportError(f"{src}: no config.json; expected a save_pretrained() model folder")
-        by_id, location = False, str(folder)
-        provenance = {"source": folder.resolve().name, "source_type": "folder-name"}
-    else:
-        by_id, location = True, _model_id(str(src))
-        provenance = {"source": location, "source_type": "model-id"}
-    provenance["source_kind"] = "hf-vision-encoder-decoder"
-    # Offline as set now, not only at import (when transformers read it): cache files only.
-    offline = _hub_offline()
-    try:
-        model = VisionEncoderDecoderModel.from_pretrained(
-            location, attn_implementation="eager", local_files_only=offline)
-    except (OSError, ValueError) as exc:
-        if not by_id:
-            raise ExportError(f"{src}: cannot load the model: {_first_line(exc)}") from exc
-        where = "in the local Hugging Face cache (offline: HF_HUB_OFFLINE is set)" if offline \
-            else "locally or on the Hugging Face Hub"
-        raise ExportError(f"{src}: no such folder, and no model with this id {where}: "
-                          f"{_first_line(exc)}") from exc
-    try:
-        processor = AutoImageProcessor.from_pretrained(location, local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{src}: cannot load the image processor or tokenizer: "
-                          f"{_first_line(exc)}") from exc
-    revision = getattr(model.config, "_commit_hash", None)
-    if by_id and revision:
-        provenance["revision"] = revision  # the Hub snapshot actually exported
-    return model, processor, tokenizer, provenance
-
-
-def _model_id(src: str) -> str:
-    """``src`` if it is spelled like a Hub model id; otherwise it was meant as a folder."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if Path(src).exists():
-        raise ExportError(f"{src}: not a folder; expected a save_pretrained() folder or a model id")
-    try:
-        validate_repo_id(src)
-    except HFValidationError:
-        message = f"{src}: no such folder (nor a Hugging Face model id: name or org/name)"
-        raise ExportError(message) from None
-    return src
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (the libraries read them at import)."""
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    on = ("1", "ON", "YES", "TRUE")
-    return bool(constants.HF_HUB_OFFLINE) or any(flag.upper() in on for flag in flags)
-
-
-def _first_line(exc: BaseException) -> str:
-    """Library errors span several lines; the CLI prints one, and the first says what failed."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def preprocessing_from_processor(processor: Any) -> Preprocessing:
-    """Read resize / rescale / normalize from a Hugging Face image processor."""
-    size = processor.size
-    if not (isinstance(size, dict) and "height" in size and "width" in size):
-        raise ExportError(f"image processor size {size!r} unsupported (need height and width)")
-    if getattr(processor, "do_center_crop", False):
-        raise ExportError("image processors that center-crop are not supported yet")
-    # The runtime's own name -> PIL filter table, read backwards: one list of supported filters.
-    names = {int(resample): name for name, resample in RESAMPLE.items()}
-    if int(processor.resample) not in names:
-        raise ExportError(f"image processor resample {processor.resample!r}: not a PIL filter "
-                          f"edgecap supports ({', '.join(RESAMPLE)})")
-    mean, std = processor.image_mean, processor.image_std
-    return Preprocessing(
-        height=int(size["height"]),
-        width=int(size["width"]),
-        resample=names[int(processor.resample)],
-        do_resize=bool(processor.do_resize),
-        rescale_factor=float(processor.rescale_factor),
-        do_rescale=bool(processor.do_rescale),
-        mean=tuple(float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
-        std=tuple(float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3)),
-        do_normalize=bool(processor.do_normalize),
-    )
-
-
-def generation_options(config: Any) -> GenerationOptions:
-    """Map a transformers GenerationConfig (or None) to the manifest's generation defaults."""
-    if config is None:
-        return GenerationOptions()
-    max_new = config.max_new_tokens
-    if max_new is None:
-        max_new = max(1, int(config.max_length) - 1)  # max_length counts the decoder start token
-    min_new = config.min_new_tokens or max(0, int(config.min_length or 0) - 1)
-    return GenerationOptions(
-        num_beams=int(config.num_beams or 1),
-        max_new_tokens=int(max_new),
-        min_new_tokens=int(min_new),
-        length_penalty=float(config.length_penalty),
-        early_stopping=config.early_stopping,
-        no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
-        repetition_penalty=float(config.repetition_penalty or 1.0),
-    )
-
-
-def export_captioner(
-    encode: nn.Module,
-    lm_model: nn.Module,
-    out_dir: str | Path,
-    *,
-    preprocessing: Preprocessing,
-    tokenizer_file: str | Path,
-    generation: Any = None,
-    decoder_start_token_id: int | None = None,
-    id_map: list[int] | None = None,
-    reference=None,
-    provenance: dict[str, Any] | None = None,
-    check_steps: int = 4,
-    fused: bool = True,
-    styles: dict[str, int] | None = None,
-) -> Manifest:
+def export_captioner(encode: nn.Module, lm_model: nn.Module, out_dir: str | Path, *,
+                     preprocessing: Preprocessing, tokenizer_file: str | Path,
+                     generation: Any = None, decoder_start_token_id: int | None = None,
+                     id_map: list[int] | None = None, reference=None,
+                     provenance: dict[str, Any] | None = None, check_steps: int = 4,
+                     fused: bool = True, styles: dict[str, int] | None = None) -> Manifest:
     """Export ``encode`` (pixels -> states) and ``lm_model`` (GPT2LMHeadModel) into ``out_dir``.
 
     Args:
@@ -245,63 +115,94 @@ def export_captioner(
     """
     encode.eval()
     lm_model.eval()
-    config = lm_model.config
-    out = Path(out_dir)
+    config, out = lm_model.config, Path(out_dir)
     special = _special_tokens(config, generation, decoder_start_token_id)
-    defaults = generation if isinstance(generation, GenerationOptions) else generation_options(generation)
-    pixels = _sample_pixels(preprocessing, batch=2)
-    with torch.no_grad():
-        encoder_seq_len = int(encode(pixels[:1]).shape[1])
-    layers, heads = config.n_layer, config.n_head
-    if defaults.max_new_tokens + 1 > config.n_positions:
-        defaults = GenerationOptions(
-            **{**defaults.__dict__, "max_new_tokens": config.n_positions - 1}
-        )
+    defaults = generation_defaults(generation, config.n_positions)
+    pixels = sample_pixels(preprocessing, batch=2)
     if reference is None:
         reference = _torch_reference(encode, lm_model)
-
-    staging = Path(tempfile.mkdtemp(prefix=".edgecap-export-", dir=out.parent if out.parent.exists() else None))
+    staging = Path(tempfile.mkdtemp(prefix=".edgecap-export-",
+                                    dir=out.parent if out.parent.exists() else None))
     try:
-        # eval(): the exporter restores each wrapper's mode afterwards, recursively, and a new
-        # module starts in training mode (dropout on), which would leak into the parity check.
-        encoder_graph = EncoderGraph(encode, lm_model.transformer.h, heads).eval()
-        log.info("exporting encoder graph (%d decoder layers' cross K/V)", layers)
-        grounding = _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", layers)
-        decoder_kind = _write_decoder(lm_model, staging / "decoder.onnx", fused, encoder_seq_len)
-        parity = check_parity(staging, pixels, reference, layers, special["decoder_start_token_id"],
-                              config.vocab_size, steps=check_steps)
-        log.info("parity vs torch: max |logit diff| %.2e", parity["max_abs_logit_diff"])
-        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-        if id_map is not None:
-            if len(id_map) != config.vocab_size:
-                raise ExportError(f"id_map has {len(id_map)} entries, decoder vocab is {config.vocab_size}")
-            (staging / "id_map.json").write_text(json.dumps([int(i) for i in id_map]))
-        manifest = Manifest(
-            num_layers=layers,
-            num_heads=heads,
-            head_dim=config.n_embd // heads,
-            encoder_seq_len=encoder_seq_len,
-            vocab_size=config.vocab_size,
-            max_positions=config.n_positions,
-            preprocessing=preprocessing,
-            generation=defaults,
-            id_map_file="id_map.json" if id_map is not None else None,
-            opset=OPSET,
-            shared_cross_kv=True,
-            styles=dict(styles or {}),
-            grounding=grounding,
-            provenance={**(provenance or {}), "parity": parity, "decoder_graph": decoder_kind,
-                        **({"fused_revision": FUSED_GRAPH_REVISION} if decoder_kind == "fused" else {}),
-                        "torch": torch.__version__},
-            **special,
-        )
+        graphs = _write_checked_graphs(staging, encode, lm_model, pixels, reference, fused=fused,
+                                       start_id=special["decoder_start_token_id"],
+                                       check_steps=check_steps)
+        _write_vocabulary(staging, tokenizer_file, id_map, config.vocab_size)
+        manifest = graphs.manifest(config, preprocessing=preprocessing, generation=defaults,
+                                   id_map=id_map, styles=styles, provenance=provenance,
+                                   special=special)
         manifest.write(staging)
-        out.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            shutil.move(str(item), out / item.name)
+        _publish(staging, out)
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _CheckedGraphs:
+    """What writing and checking the two graphs found out for the manifest."""
+
+    encoder_seq_len: int
+    grounding: dict
+    decoder_kind: str  # "fused" or "traced"
+    parity: dict[str, float]
+
+    def manifest(self, config, *, preprocessing: Preprocessing, generation: GenerationOptions,
+                 id_map: list[int] | None, styles: dict[str, int] | None,
+                 provenance: dict[str, Any] | None, special: dict[str, int]) -> Manifest:
+        """The manifest of these graphs of the decoder with ``config``."""
+        fused = {"fused_revision": FUSED_GRAPH_REVISION} if self.decoder_kind == "fused" else {}
+        return Manifest(
+            num_layers=config.n_layer, num_heads=config.n_head,
+            head_dim=config.n_embd // config.n_head, encoder_seq_len=self.encoder_seq_len,
+            vocab_size=config.vocab_size, max_positions=config.n_positions,
+            preprocessing=preprocessing, generation=generation,
+            id_map_file="id_map.json" if id_map is not None else None, opset=OPSET,
+            shared_cross_kv=True, styles=dict(styles or {}), grounding=self.grounding,
+            provenance={**(provenance or {}), "parity": self.parity,
+                        "decoder_graph": self.decoder_kind, **fused, "torch": torch.__version__},
+            **special,
+        )
+
+
+def _write_checked_graphs(staging: Path, encode: nn.Module, lm_model: nn.Module,
+                          pixels: torch.Tensor, reference, *, fused: bool, start_id: int,
+                          check_steps: int) -> _CheckedGraphs:
+    """Write encoder.onnx and decoder.onnx into ``staging`` and check them against torch.
+
+    Raises:
+        ExportError: the graphs disagree with PyTorch.
+    """
+    config = lm_model.config
+    with torch.no_grad():
+        encoder_seq_len = int(encode(pixels[:1]).shape[1])
+    # eval(): the exporter restores each wrapper's mode afterwards, recursively, and a new
+    # module starts in training mode (dropout on), which would leak into the parity check.
+    encoder_graph = EncoderGraph(encode, lm_model.transformer.h, config.n_head).eval()
+    log.info("exporting encoder graph (%d decoder layers' cross K/V)", config.n_layer)
+    grounding = _export_encoder(encoder_graph, pixels, staging / "encoder.onnx", config.n_layer)
+    decoder_kind = _write_decoder(lm_model, staging / "decoder.onnx", fused, encoder_seq_len)
+    parity = check_parity(staging, pixels, reference, config.n_layer, start_id,
+                          config.vocab_size, steps=check_steps)
+    log.info("parity vs torch: max |logit diff| %.2e", parity["max_abs_logit_diff"])
+    return _CheckedGraphs(encoder_seq_len, grounding, decoder_kind, parity)
+
+
+def _write_vocabulary(staging: Path, tokenizer_file: str | Path, id_map: list[int] | None,
+                      vocab_size: int) -> None:
+    """The tokenizer, and the decoder -> tokenizer id map of a pruned vocabulary."""
+    shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+    if id_map is not None:
+        if len(id_map) != vocab_size:
+            raise ExportError(f"id_map has {len(id_map)} entries, decoder vocab is {vocab_size}")
+        (staging / "id_map.json").write_text(json.dumps([int(i) for i in id_map]))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the checked files into ``out`` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        shutil.move(str(item), out / item.name)
 
 
 def eos_token(config, generation) -> int | None:
@@ -325,27 +226,13 @@ def _special_tokens(config, generation, decoder_start_token_id) -> dict[str, int
     return {"decoder_start_token_id": int(start), "eos_token_id": int(eos), "pad_token_id": int(pad)}
 
 
-def _sample_pixels(pre: Preprocessing, batch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, pre.height, pre.width, generator=generator)
-
-
-def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic_axes) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer chatter
-        torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
-        )
-
-
 def _export_encoder(graph: EncoderGraph, pixels: torch.Tensor, path: Path, layers: int) -> dict:
     """Write the encoder graph; returns the manifest's grounding section (empty unless the
     encoder has presence heads, whose outputs are then checked and their tag names written)."""
     cross, _, _ = input_output_names(layers)
     outputs = cross + (list(GROUNDING_OUTPUTS) if graph.grounded else [])
     axes = {PIXEL_VALUES: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
-    _export(graph, (pixels,), path, [PIXEL_VALUES], outputs, axes)
+    export_traced(graph, (pixels,), path, [PIXEL_VALUES], outputs, axes)
     if not graph.grounded:
         return {}
     from ..presence_heads import write_grounding
@@ -384,7 +271,7 @@ def _export_decoder(graph, path: Path, layers: int, heads: int, head_dim: int, e
         axes[name] = {0: "rows", 2: "past_len"} if name in cache_inputs else {0: "images"}
     for name in outputs[1:]:
         axes[name] = {0: "rows", 2: "total_len"}
-    _export(graph, (ids, *past, *cross), path, inputs, outputs, axes)
+    export_traced(graph, (ids, *past, *cross), path, inputs, outputs, axes)
 
 
 def _torch_reference(encode: nn.Module, lm_model: nn.Module):

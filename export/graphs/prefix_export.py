@@ -23,10 +23,9 @@ from edgecap.manifest import (
 )
 from torch import nn
 
-from .onnx_export import (
-    OPSET, PARITY_TOLERANCE, ExportError, _export, _sample_pixels, eos_token, generation_options,
-    preprocessing_from_processor,
-)
+from .hf_source import generation_defaults, preprocessing_from_processor
+from .onnx_export import eos_token
+from .tracing import OPSET, PARITY_TOLERANCE, ExportError, export_traced, sample_pixels
 from .prefix_modules import PrefixEncoderGraph, PrefixStepGraph, check_prefix_decoder
 
 log = logging.getLogger("edgecap.export")
@@ -75,21 +74,41 @@ def export_prefix_captioner(
         raise ExportError(str(exc)) from None
     preprocessing = image_processor if isinstance(image_processor, Preprocessing) \
         else preprocessing_from_processor(image_processor)
-    encoder_graph = PrefixEncoderGraph(image_encoder, mapper).eval()
-    pixels = _sample_pixels(preprocessing, batch=2)
-    with torch.no_grad():
-        shape = tuple(encoder_graph(pixels).shape)
-    if shape != (2, prefix_length, config.n_embd):
-        raise ExportError(f"mapper output {shape} is not (batch, prefix_length={prefix_length}, "
-                          f"n_embd={config.n_embd})")
-    options = generation if isinstance(generation, GenerationOptions) \
-        else generation_options(generation if generation is not None else gpt2.generation_config)
+    encoder_graph, pixels = _encoder_graph(image_encoder, mapper, preprocessing, prefix_length,
+                                           config.n_embd)
     # Positions hold the prefix, then every fed token; the last new token is never fed.
     max_positions = config.n_positions - prefix_length + 1
-    if options.max_new_tokens + 1 > max_positions:
-        options = GenerationOptions(**{**options.__dict__, "max_new_tokens": max_positions - 1})
-    eos = _eos(config, generation)
-    manifest = Manifest(
+    options = generation_defaults(
+        generation if generation is not None else gpt2.generation_config, max_positions)
+    manifest = _manifest(config, prefix_length, max_positions, _eos(config, generation),
+                         preprocessing, options, provenance)
+    out = Path(out_dir)
+    _write(out, manifest, encoder_graph, gpt2, pixels, tokenizer, check_steps)
+    if quantize is not None:
+        from ..quantize.variants import quantize_export
+
+        quantize_export(out, out, mode=quantize)
+    return Manifest.read(out)
+
+
+def _encoder_graph(image_encoder: nn.Module, mapper: nn.Module, preprocessing: Preprocessing,
+                   prefix_length: int, width: int) -> tuple[nn.Module, torch.Tensor]:
+    """The encoder graph's module and its sample pixels, once its output has the prefix's
+    shape [batch, prefix_length, width]."""
+    encoder_graph = PrefixEncoderGraph(image_encoder, mapper).eval()
+    pixels = sample_pixels(preprocessing, batch=2)
+    with torch.no_grad():
+        shape = tuple(encoder_graph(pixels).shape)
+    if shape != (2, prefix_length, width):
+        raise ExportError(f"mapper output {shape} is not (batch, prefix_length={prefix_length}, "
+                          f"n_embd={width})")
+    return encoder_graph, pixels
+
+
+def _manifest(config, prefix_length: int, max_positions: int, eos: int,
+              preprocessing: Preprocessing, options: GenerationOptions,
+              provenance: dict[str, Any] | None) -> Manifest:
+    return Manifest(
         num_layers=config.n_layer, num_heads=config.n_head, head_dim=config.n_embd // config.n_head,
         encoder_seq_len=prefix_length, vocab_size=config.vocab_size, max_positions=max_positions,
         # The start slot is a placeholder (the prefix stands there); EOS keeps it out of any text.
@@ -99,13 +118,6 @@ def export_prefix_captioner(
         provenance={**(provenance or {}), "source_kind": "prefix-captioner",
                     "decoder_graph": "traced", "torch": torch.__version__},
     )
-    out = Path(out_dir)
-    _write(out, manifest, encoder_graph, gpt2, pixels, tokenizer, check_steps)
-    if quantize is not None:
-        from ..quantize.variants import quantize_export
-
-        quantize_export(out, out, mode=quantize)
-    return Manifest.read(out)
 
 
 def _eos(config, generation) -> int:
@@ -121,7 +133,7 @@ def _write(out: Path, manifest: Manifest, encoder_graph: nn.Module, gpt2: nn.Mod
     parent = out.parent if out.parent.exists() else None
     staging = Path(tempfile.mkdtemp(prefix=".edgecap-export-", dir=parent))
     try:
-        _export(encoder_graph, (pixels,), staging / manifest.encoder_file, [PIXEL_VALUES],
+        export_traced(encoder_graph, (pixels,), staging / manifest.encoder_file, [PIXEL_VALUES],
                 [PREFIX_EMBEDS], {PIXEL_VALUES: {0: "batch"}, PREFIX_EMBEDS: {0: "batch"}})
         _export_step(PrefixStepGraph(gpt2).eval(), staging / manifest.decoder_file, manifest)
         parity = check_prefix_parity(staging, manifest, pixels, encoder_graph, gpt2, check_steps)
@@ -159,7 +171,7 @@ def _export_step(graph: PrefixStepGraph, path: Path, manifest: Manifest) -> None
     axes.update({name: {0: "rows", 2: "past_len"} for name in past_names(layers)})
     axes.update({name: {0: "images", 2: "prefix_len"} for name in prefix_kv_names(layers)})
     axes.update({name: {0: "rows", 2: "total_len"} for name in present_names(layers)})
-    _export(graph, (ids, embeds, *past, *prefix_kv), path, prefix_decoder_input_names(layers),
+    export_traced(graph, (ids, embeds, *past, *prefix_kv), path, prefix_decoder_input_names(layers),
             [LOGITS, *present_names(layers)], axes)
 
 

@@ -65,61 +65,14 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
     """
     if calibrate_encoder is None:
         calibrate_encoder = mode == "int8-dynamic" and calibration is not None
-    if calibrate_encoder and (mode != "int8-dynamic" or calibration is None):
-        raise ValueError("calibrate_encoder needs mode int8-dynamic and a calibration folder")
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
-    if mode in BLOCK_MODES and block_size not in BLOCK_SIZES:
-        raise ValueError(f"{mode} block size {block_size} unsupported; choose from {BLOCK_SIZES}")
     src, out = Path(src), Path(out)
-    manifest = Manifest.read(src)
-    width = manifest.num_heads * manifest.head_dim
-    if mode in BLOCK_MODES and width % block_size:
-        # Padded blocks would waste space and the tied embedding could not share the head's rows.
-        fitting = max(b for b in BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
-        hint = f"; use --block-size {fitting}" if fitting else ""
-        raise ValueError(f"{mode} block size {block_size} does not divide the decoder width {width}{hint}")
-    if manifest.quantization.get("mode", "none") != "none":
-        raise ValueError(f"{src} is already quantized ({manifest.quantization['mode']}); start from fp32")
+    manifest = _checked_source(src, mode, calibration, calibrate_encoder, block_size)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         encoder_in, decoder_in = src / manifest.encoder_file, src / manifest.decoder_file
-        info: dict = {"mode": mode}
-        if mode == "int8-dynamic":
-            # Conv weights are stored int8 + DequantizeLinear (weight-only). Turning off ORT's
-            # QDQ handling lets constant folding restore float weights at load, so convolutions
-            # keep their prepacked fast path (measured: 18 ms vs 46 ms for the Lite0 encoder).
-            info["session_config"] = {"session.disable_quant_qdq": "1"}
-            _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
-            _dynamic(decoder_in, staging / "decoder.onnx", exclude_nodes, True)
-        elif mode in BLOCK_MODES:
-            info["session_config"] = {"session.disable_quant_qdq": "1"}
-            info["block_size"] = block_size
-            if mode == "int4":  # int4 is decoder-only; its encoder is int8-dynamic
-                _dynamic(encoder_in, staging / "encoder.onnx", exclude_nodes, quantize_encoder)
-            else:
-                _nbits(encoder_in, staging / "encoder.onnx", exclude_nodes, block_size, 8,
-                       quantize_encoder)
-            _nbits(decoder_in, staging / "decoder.onnx", exclude_nodes, block_size, BLOCK_MODES[mode])
-        elif mode == "int8-static":
-            from .calibration import calibration_readers
-
-            images = calibration_images(calibration, calibration_count)
-            info["calibration"] = {"images": [p.name for p in images], "method": "minmax",
-                                   "folder": str(calibration)}
-            encoder_reader, decoder_reader = calibration_readers(src, images)
-            _static(encoder_in, staging / "encoder.onnx", encoder_reader, exclude_nodes,
-                    quantize_encoder)
-            # Per-tensor scales for the decoder: ORT runs per-tensor QLinearMatMul natively, while
-            # per-channel weights fall back to dequantize-then-float matmul every step.
-            _static(decoder_in, staging / "decoder.onnx", decoder_reader, exclude_nodes, True,
-                    per_channel=False)
-        elif mode == "fp16":
-            _fp16(encoder_in, staging / "encoder.onnx")
-            _fp16(decoder_in, staging / "decoder.onnx")
-        else:
-            shutil.copyfile(encoder_in, staging / "encoder.onnx")
-            shutil.copyfile(decoder_in, staging / "decoder.onnx")
+        info = _write_graphs(src, encoder_in, decoder_in, staging, mode, calibration=calibration,
+                             calibration_count=calibration_count, exclude_nodes=exclude_nodes,
+                             quantize_encoder=quantize_encoder, block_size=block_size)
         if exclude_nodes:
             info["excluded_nodes"] = list(exclude_nodes)
         if not quantize_encoder:
@@ -140,6 +93,73 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
             shutil.copyfile(item, out / item.name)
     log.info("%s: %.1f MB -> %.1f MB", mode, info["fp32_bytes"] / 1e6, info["bytes"] / 1e6)
     return result
+
+
+def _checked_source(src: Path, mode: str, calibration: Path | None, calibrate_encoder: bool,
+                    block_size: int) -> Manifest:
+    """The manifest of ``src``; ValueError (saying what to change) for a request that cannot
+    be met."""
+    if calibrate_encoder and (mode != "int8-dynamic" or calibration is None):
+        raise ValueError("calibrate_encoder needs mode int8-dynamic and a calibration folder")
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
+    if mode in BLOCK_MODES and block_size not in BLOCK_SIZES:
+        raise ValueError(f"{mode} block size {block_size} unsupported; choose from {BLOCK_SIZES}")
+    manifest = Manifest.read(src)
+    width = manifest.num_heads * manifest.head_dim
+    if mode in BLOCK_MODES and width % block_size:
+        # Padded blocks would waste space and the tied embedding could not share the head's rows.
+        fitting = max(b for b in BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
+        hint = f"; use --block-size {fitting}" if fitting else ""
+        raise ValueError(f"{mode} block size {block_size} does not divide the decoder width {width}{hint}")
+    if manifest.quantization.get("mode", "none") != "none":
+        raise ValueError(f"{src} is already quantized ({manifest.quantization['mode']}); start from fp32")
+    return manifest
+
+
+def _write_graphs(src: Path, encoder_in: Path, decoder_in: Path, staging: Path, mode: str, *,
+                  calibration: Path | None, calibration_count: int,
+                  exclude_nodes: tuple[str, ...], quantize_encoder: bool, block_size: int) -> dict:
+    """Write the ``mode`` versions of the export ``src``'s two graphs into ``staging``.
+
+    Returns:
+        The manifest's quantization section so far.
+    """
+    encoder_out, decoder_out = staging / "encoder.onnx", staging / "decoder.onnx"
+    info: dict = {"mode": mode}
+    if mode == "int8-dynamic":
+        # Conv weights are stored int8 + DequantizeLinear (weight-only). Turning off ORT's
+        # QDQ handling lets constant folding restore float weights at load, so convolutions
+        # keep their prepacked fast path, which the convolutional encoders' speed rests on.
+        info["session_config"] = {"session.disable_quant_qdq": "1"}
+        _dynamic(encoder_in, encoder_out, exclude_nodes, quantize_encoder)
+        _dynamic(decoder_in, decoder_out, exclude_nodes, True)
+    elif mode in BLOCK_MODES:
+        info["session_config"] = {"session.disable_quant_qdq": "1"}
+        info["block_size"] = block_size
+        if mode == "int4":  # int4 is decoder-only; its encoder is int8-dynamic
+            _dynamic(encoder_in, encoder_out, exclude_nodes, quantize_encoder)
+        else:
+            _nbits(encoder_in, encoder_out, exclude_nodes, block_size, 8, quantize_encoder)
+        _nbits(decoder_in, decoder_out, exclude_nodes, block_size, BLOCK_MODES[mode])
+    elif mode == "int8-static":
+        from .calibration import calibration_readers
+
+        images = calibration_images(calibration, calibration_count)
+        info["calibration"] = {"images": [p.name for p in images], "method": "minmax",
+                               "folder": str(calibration)}
+        encoder_reader, decoder_reader = calibration_readers(src, images)
+        _static(encoder_in, encoder_out, encoder_reader, exclude_nodes, quantize_encoder)
+        # Per-tensor scales for the decoder: ORT runs per-tensor QLinearMatMul natively, while
+        # per-channel weights fall back to dequantize-then-float matmul every step.
+        _static(decoder_in, decoder_out, decoder_reader, exclude_nodes, True, per_channel=False)
+    elif mode == "fp16":
+        _fp16(encoder_in, encoder_out)
+        _fp16(decoder_in, decoder_out)
+    else:
+        shutil.copyfile(encoder_in, encoder_out)
+        shutil.copyfile(decoder_in, decoder_out)
+    return info
 
 
 def _batch_invariant(staging: Path, mode: str, calibration: Path | None, count: int,

@@ -82,6 +82,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                         help="linear warm-up, then cosine decay")
+    _add_model_arguments(parser, defaults)
+    _add_run_arguments(parser, defaults)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The model's shape: decoder size, family, backbone and what it attends to."""
     parser.add_argument("--n-layer", type=int, default=defaults.n_layer, help="decoder layers")
     parser.add_argument("--n-embd", type=int, default=defaults.n_embd, help="decoder width")
     parser.add_argument("--n-head", type=int, default=defaults.n_head,
@@ -104,6 +110,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tags", type=int, default=defaults.tags,
                         help="also let the decoder attend to the backbone's K most likely "
                         "ImageNet classes (cross-attention, with --no-tune-encoder-head)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """Regularisation, stopping, budgets, caches and checkpoints."""
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--dropout", type=float, default=defaults.dropout,
                         help="decoder dropout (embeddings, attention, residuals)")

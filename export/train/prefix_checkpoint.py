@@ -30,7 +30,8 @@ from edgecap.preprocess import RESAMPLE
 from torch import nn
 
 from ..graphs.clipcap_mappers import ClipCapMLP, ClipCapTransformer, MapperWeightsError
-from ..graphs.onnx_export import ExportError, _first_line, _hub_offline, preprocessing_from_processor
+from ..graphs.hf_source import first_line, hub_offline, preprocessing_from_processor
+from ..graphs.tracing import ExportError
 
 SPEC_NAME = "prefix_captioner.json"
 FORMAT_NAME, FORMAT_VERSION = "edgecap-prefix-checkpoint", 1
@@ -164,7 +165,7 @@ def load_gpt2(folder: Path, spec: Spec):
         gpt2 = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: cannot load GPT-2 or its tokenizer: {_first_line(exc)}") \
+        raise ExportError(f"{path}: cannot load GPT-2 or its tokenizer: {first_line(exc)}") \
             from None
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(f"{path}: no fast tokenizer (tokenizer.json, or vocab.json + merges.txt)")
@@ -210,7 +211,7 @@ def hf_encoder(folder: Path, spec: Spec):
     output = spec.choice("output", HF_OUTPUTS)
     local = folder / name
     location, source = (str(local), local.name) if local.is_dir() else (name, name)
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=offline)
         clip = config.model_type in ("clip", "clip_vision_model")
@@ -222,7 +223,7 @@ def hf_encoder(folder: Path, spec: Spec):
         model = model_class.from_pretrained(location, attn_implementation="eager",
                                             local_files_only=offline)
     except (OSError, ValueError) as exc:
-        raise spec.fail("model", f"{name}: cannot load it ({_first_line(exc)})") from None
+        raise spec.fail("model", f"{name}: cannot load it ({first_line(exc)})") from None
     try:
         processor = AutoImageProcessor.from_pretrained(location, local_files_only=offline)
         preprocessing = preprocessing_from_processor(processor)
@@ -276,7 +277,7 @@ def read_state_dict(path: Path, key_prefix: str) -> dict[str, torch.Tensor]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise ExportError(f"{path}: not a torch state dict ({_first_line(exc)})") from None
+        raise ExportError(f"{path}: not a torch state dict ({first_line(exc)})") from None
     if not isinstance(saved, dict):
         raise ExportError(f"{path}: holds a {type(saved).__name__}, not a state dict")
     return {k[len(key_prefix):]: v for k, v in saved.items()
@@ -295,7 +296,7 @@ def check_shapes(spec: Spec, encoder, mapper, preprocessing, prefix_length: int,
             prefix = mapper.eval()(features)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise spec.fail("mapper", "does not take the image encoder's features "
-                            f"{tuple(features.shape)}: {_first_line(exc)}") from None
+                            f"{tuple(features.shape)}: {first_line(exc)}") from None
     if tuple(prefix.shape) != (2, prefix_length, width):
         raise spec.fail("mapper", f"writes {tuple(prefix.shape)} for 2 images, not (2, "
                         f"prefix_length={prefix_length}, GPT-2 width={width})")

@@ -152,26 +152,10 @@ def scst_train(config: ScstConfig) -> dict:
     cider = CorpusCider([[f"{metric_form(r)} {END_WORD}" for r in refs]
                          for refs in train_data.refs])
     opt = torch.optim.AdamW(trainable(encoder, decoder), lr=config.lr, weight_decay=0.0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recorded = json.loads((checkpoint / "train_config.json").read_text())
-    recorded["scst"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    (out_dir / "train_config.json").write_text(json.dumps(recorded, indent=2))
+    _write_run_config(checkpoint, out_dir, config)
     log = (out_dir / "scst_log.jsonl").open("w")
     generator = torch.Generator().manual_seed(config.seed)
-
-    def score(step: int, extra: dict) -> float:
-        scores = [evaluate(encoder, decoder, dev, tokenizer, id_map) for dev in devs]
-        record = {"step": step, **extra, "dev_cider": scores[0]["dev_cider"],
-                  "dev_by_source": {n: s["dev_cider"] for n, s in zip(source_names, scores)},
-                  "sample": scores[0]["sample"]}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        history.append(record)
-        print(f"step {step}: dev CIDEr-D {record['dev_by_source']} | {record['sample'][:1]}",
-              file=sys.stderr, flush=True)
-        return record["dev_cider"]
-
-    history: list[dict] = []
+    score = _DevScores(encoder, decoder, devs, tokenizer, id_map, source_names, log)
     best = start = score(0, {})
     best_step = 0
     save_best(out_dir, encoder, decoder, id_map, tokenizer, best, 0, source_names)
@@ -201,7 +185,40 @@ def scst_train(config: ScstConfig) -> dict:
                 save_best(out_dir, encoder, decoder, id_map, tokenizer, best, step, source_names)
     log.close()
     return {"start_dev_cider": start, "best_dev_cider": best, "best_step": best_step,
-            "history": history}
+            "history": score.history}
+
+
+def _write_run_config(checkpoint: Path, out_dir: Path, config: ScstConfig) -> None:
+    """The run's training config with this fine-tuning's settings added, beside its model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recorded = json.loads((checkpoint / "train_config.json").read_text())
+    recorded["scst"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    (out_dir / "train_config.json").write_text(json.dumps(recorded, indent=2))
+
+
+class _DevScores:
+    """Scores the dev split of every data folder; each score is logged (to ``log`` as a JSON
+    line, and to stderr) and kept in ``history``."""
+
+    def __init__(self, encoder, decoder, devs, tokenizer, id_map, source_names, log):
+        self.encoder, self.decoder, self.devs = encoder, decoder, devs
+        self.tokenizer, self.id_map, self.source_names = tokenizer, id_map, source_names
+        self.log = log
+        self.history: list[dict] = []
+
+    def __call__(self, step: int, extra: dict) -> float:
+        """The first folder's dev CIDEr-D after ``step`` steps (``extra`` goes in the record)."""
+        scores = [evaluate(self.encoder, self.decoder, dev, self.tokenizer, self.id_map)
+                  for dev in self.devs]
+        record = {"step": step, **extra, "dev_cider": scores[0]["dev_cider"],
+                  "dev_by_source": {n: s["dev_cider"] for n, s in zip(self.source_names, scores)},
+                  "sample": scores[0]["sample"]}
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        self.history.append(record)
+        print(f"step {step}: dev CIDEr-D {record['dev_by_source']} | {record['sample'][:1]}",
+              file=sys.stderr, flush=True)
+        return record["dev_cider"]
 
 
 def trained_images(config: ScstConfig, train_config: TrainConfig, total: int) -> int:

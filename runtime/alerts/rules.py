@@ -36,6 +36,7 @@ from .targets import (
     post_webhook,
     run_command,
 )
+from ..archive.schema import FTS_TOKENIZER
 from ..errors import EdgecapError
 
 __all__ = ["AlertError", "AlertRule", "Alerts", "CaptionMatcher", "CommandTarget", "MqttBroker",
@@ -46,8 +47,8 @@ DEFAULT_QUEUE_SIZE = 100  # alerts waiting per target kind before new ones are d
 DEFAULT_COOLDOWN_S = 60.0
 PAYLOAD_KEYS = ("camera", "generated_text", "stream_time", "wall_time", "frame_index", "score",
                 "tags", "snapshot")
-# The archive's tokenizer (archive/store.py), so a rule matches what `edgecap search` finds.
-FTS_TABLE = "CREATE VIRTUAL TABLE one_caption USING fts5 (caption, tokenize='porter unicode61')"
+# The archive's tokenizer, so a rule matches what `edgecap search` finds.
+FTS_TABLE = f"CREATE VIRTUAL TABLE one_caption USING fts5 (caption, tokenize='{FTS_TOKENIZER}')"
 
 
 class AlertError(EdgecapError, ValueError):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .store import Archive, ArchiveError
+from .schema import ArchiveError
+from .store import Archive
 
 log = logging.getLogger("edgecap.watch")
 
@@ -82,7 +83,7 @@ class ArchiveWriter:
         data = record.to_record()
         data["camera"] = record.camera or self.camera
         try:
-            data["archive_id"] = self.archive.add(data)
+            self.archive.add(data)
         except ArchiveError as exc:  # e.g. another writer held the lock past the timeout
             self.failures += 1
             log.error("archive: %s: record of frame %s not archived: %s",

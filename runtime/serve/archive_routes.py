@@ -1,6 +1,6 @@
 """``serve --archive``: search the caption archive over HTTP and fetch snapshots by id.
 
-``GET /v1/events?q=&camera=&since=&until=&limit=&frames=`` answers JSON; ``GET
+``GET /v1/events`` (the query fields of ``SearchQuery``) answers JSON; ``GET
 /v1/snapshots/{id}`` answers the JPEG. Snapshots are found by caption id only (the archive
 looks the file up), never by a path a client sends, and responses carry snapshot URLs, never
 file-system paths.
@@ -14,9 +14,7 @@ served only from inside the snapshot folder, after resolving symlinks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
 import os
 import re
 import stat
@@ -28,13 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..archive.store import DEFAULT_GAP_S, Archive, ArchiveError, Event, Hit, events, parse_time
-from ..archive.limits import QueryLimits, QueryRefused
+from ..archive import Archive, ArchiveError, QueryLimits, QueryRefused, SearchQuery
 
 log = logging.getLogger(__name__)
 
-MAX_LIMIT = 1000  # hits per request: a bound on the work one request can ask for
-MAX_GAP_S = 7 * 86400.0  # event merging gap: beyond a week every hit is one event anyway
 SEARCH_THREADS = 2  # searches at once: the rest of the machine stays with captioning
 MAX_WAITING = 16  # searches queued behind those; more get 503 at once
 MAX_SNAPSHOT_BYTES = 16 * 2**20  # snapshots are small JPEGs; a bigger file is not one of ours
@@ -75,8 +70,8 @@ class ArchiveRoutes:
 
     async def search(self, request: Request) -> Response:
         try:
-            query = _search_query(dict(request.query_params))
-            hits = await self._run(self._search, query)
+            query = SearchQuery.from_fields(request.query_params)
+            hits = await self._run(query.search, self.archive, self.limits)
         except QueryRefused as exc:
             if exc.busy:
                 return JSONResponse({"error": "search_busy", "detail": exc.reason},
@@ -85,15 +80,8 @@ class ArchiveRoutes:
                                 status_code=400)
         except (ArchiveError, ValueError) as exc:
             return JSONResponse({"error": "bad_query", "detail": str(exc)}, status_code=400)
-        if query["frames"]:
-            return JSONResponse({"query": query["q"], "hits": [_hit(h) for h in hits]})
-        merged = events(hits, gap_s=query["gap"])
-        return JSONResponse({"query": query["q"], "events": [_event(e) for e in merged]})
-
-    def _search(self, query: dict[str, Any]) -> list[Hit]:
-        return self.archive.search(query["q"], camera=query["camera"], since=query["since"],
-                                   until=query["until"], limit=query["limit"],
-                                   limits=self.limits)
+        found = [item.to_dict(snapshot_url=_snapshot_url) for item in query.results(hits)]
+        return JSONResponse({"query": query.q, "hits" if query.frames else "events": found})
 
     async def snapshot(self, request: Request) -> Response:
         text = request.path_params["id"]
@@ -134,20 +122,6 @@ class ArchiveRoutes:
             return file.read(MAX_SNAPSHOT_BYTES)
 
 
-def _search_query(params: dict[str, str]) -> dict[str, Any]:
-    """Validated search parameters; ValueError/ArchiveError name the bad one."""
-    q = params.get("q", "").strip()
-    if not q:
-        raise ValueError("q: give a search query, e.g. q=person or q=\"red car\"")
-    limit = _bounded_int(params.get("limit") or "50", "limit", 1, MAX_LIMIT)
-    gap = _bounded_float(params.get("gap") or str(DEFAULT_GAP_S), "gap", 0.0, MAX_GAP_S)
-    return {
-        "q": q, "camera": params.get("camera") or None, "limit": limit, "gap": gap,
-        "since": _time(params, "since"), "until": _time(params, "until"),
-        "frames": params.get("frames", "").lower() in ("1", "true", "yes"),
-    }
-
-
 def _bounded_int(text: str, name: str, low: int, high: int) -> int:
     """ASCII digits only (``int`` would take other scripts' digits), within [low, high]."""
     if not re.fullmatch(r"[0-9]{1,19}", text):
@@ -158,41 +132,5 @@ def _bounded_int(text: str, name: str, low: int, high: int) -> int:
     return value
 
 
-def _bounded_float(text: str, name: str, low: float, high: float) -> float:
-    """A finite ASCII decimal number within [low, high]."""
-    if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", text.strip()):
-        raise ValueError(f"{name} must be a number of seconds from {low:g} to {high:g} "
-                         f"(got {text[:40]!r})")
-    value = float(text)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be a number of seconds from {low:g} to {high:g} "
-                         f"(got {text[:40]!r})")
-    return value
-
-
-def _time(params: dict[str, str], key: str):
-    if not params.get(key):
-        return None
-    try:
-        return parse_time(params[key])
-    except ArchiveError as exc:
-        raise ValueError(f"{key}: {exc}") from None
-
-
-def _snapshot_url(hit_id: int, path: str | None) -> str | None:
-    return f"/v1/snapshots/{hit_id}" if path else None
-
-
-def _hit(hit: Hit) -> dict[str, Any]:
-    data = dataclasses.asdict(hit)
-    data["snapshot_url"] = _snapshot_url(hit.id, data.pop("snapshot"))
-    return data
-
-
-def _event(event: Event) -> dict[str, Any]:
-    data = dataclasses.asdict(event)
-    data.pop("hits")
-    data.pop("snapshot")
-    with_snapshot = next((h for h in event.hits if h.snapshot == event.snapshot), None)
-    data["snapshot_url"] = _snapshot_url(with_snapshot.id, event.snapshot) if with_snapshot else None
-    return data
+def _snapshot_url(hit_id: int) -> str:
+    return f"/v1/snapshots/{hit_id}"

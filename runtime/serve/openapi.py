@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .openapi_compat import COMPAT_PATHS
+from ..archive import SearchQuery
 from ..options import openapi_form_properties, openapi_parameters
 
 
@@ -83,22 +84,11 @@ HEALTH_PATHS = {
                          "responses": {"200": {"description": "text"}}}},
 }
 
-_TEXT = {"type": "string"}
 ARCHIVE_PATHS = {
     "/v1/events": {"get": {
         "summary": "Search archived captions (SQLite FTS5 syntax); hits of one camera merge into "
                    "events unless frames=true",
-        "parameters": [
-            {"name": "q", "in": "query", "required": True, "schema": _TEXT,
-             "description": "FTS5 query: words, \"a phrase\", OR, NOT, prefix*"},
-            {"name": "camera", "in": "query", "schema": _TEXT},
-            {"name": "since", "in": "query", "schema": _TEXT,
-             "description": "ISO 8601 time or a duration before now (30m, 2h, 7d)"},
-            {"name": "until", "in": "query", "schema": _TEXT},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                        "maximum": 1000}},
-            {"name": "frames", "in": "query", "schema": {"type": "boolean"}},
-        ],
+        "parameters": SearchQuery.openapi_parameters(),
         "responses": {"200": {"description": "{query, events: [...]} or {query, hits: [...]}"},
                       "400": {"description": "malformed query or parameter (detail says which)"}},
     }},
