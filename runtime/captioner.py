@@ -15,7 +15,7 @@ from .gpu.device_runner import make_runner
 from .errors import EdgecapError, ModelError, OptionsError
 from .grounding import Grounding
 from .manifest import GROUNDING_OUTPUTS, PIXEL_VALUES, GenerationOptions, Manifest
-from .options import IO_BINDING, check_generation
+from .options import DEFAULT_BATCH_SIZE, IO_BINDING, check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
 from .results import CaptionFailure, CaptionResult
 from .sessions import open_graphs
@@ -84,7 +84,7 @@ class Captioner:
         self.manifest.start_token(options.style)  # an unknown style fails here, before any work
         return options
 
-    def caption(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 8,
+    def caption(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = DEFAULT_BATCH_SIZE,
                 **generation: Any) -> CaptionResult | list[CaptionResult]:
         """Caption one image or a list of them.
 
@@ -110,7 +110,7 @@ class Captioner:
         return results[0] if single else results
 
     def caption_stream(self, items: Iterable[ImageInput | tuple[str, ImageInput]], *,
-                       batch_size: int = 8, **generation: Any
+                       batch_size: int = DEFAULT_BATCH_SIZE, **generation: Any
                        ) -> Iterator[CaptionResult | CaptionFailure]:
         """Caption many inputs lazily: one outcome per input, in input order.
 

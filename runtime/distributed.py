@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .caption_io import completed_sources, emit_record, expand_inputs
 from .errors import EdgecapError, ImageError
-from .options import check_generation, generation_from_args
+from .options import DEFAULT_BATCH_SIZE, check_generation, generation_from_args
 from .results import CaptionFailure
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class CaptionActor:
 
 
 def caption_dataset(inputs: str | Path | Iterable[str | Path] | ray.data.Dataset,
-                    model: str | Path | None = None, *, batch_size: int = 8,
+                    model: str | Path | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
                     actors: int | tuple[int, int | None] = (1, None), cpus_per_actor: int = 1,
                     device: str = "cpu", skip: Iterable[str] = (), **generation: Any
                     ) -> ray.data.Dataset:

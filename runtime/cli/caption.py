@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..caption_io import completed_sources, emit_record, expand_inputs
 from ..options import (
+    DEFAULT_BATCH_SIZE,
     add_generation_arguments,
     add_runtime_arguments,
     generation_from_args,
@@ -31,7 +32,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path,
                         help="append JSONL results here; a re-run skips inputs already in it")
     add_generation_arguments(parser)
-    add_runtime_arguments(parser, batch_size=8)
+    add_runtime_arguments(parser, batch_size=DEFAULT_BATCH_SIZE)
     from ..distributed import add_ray_arguments  # argparse only: ray is imported with --ray
 
     add_ray_arguments(parser)

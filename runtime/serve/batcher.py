@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..manifest import GenerationOptions
+from .settings import Settings
 
 
 class Overloaded(Exception):
@@ -35,8 +36,9 @@ class MicroBatcher:
     cannot mix beam widths). ``on_batch(size)`` is called for each group, for metrics.
     """
 
-    def __init__(self, captioner, *, max_batch: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 64, on_batch=None):
+    def __init__(self, captioner, *, max_batch: int = Settings.max_batch,
+                 max_wait_ms: float = Settings.max_wait_ms, max_queue: int = Settings.max_queue,
+                 on_batch=None):
         self.captioner = captioner
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1e3

@@ -14,13 +14,14 @@ import logging
 import threading
 from typing import Iterator
 
+from ..options import DEFAULT_BATCH_SIZE
 from .stream import CameraFeed, CaptionRecord, Chosen
 
 log = logging.getLogger("edgecap.watch")
 
 
 def watch_cameras(feeds: list[CameraFeed], captioner, stop: threading.Event,
-                  ready: threading.Event, max_batch: int = 8) -> Iterator[CaptionRecord]:
+                  ready: threading.Event, max_batch: int = DEFAULT_BATCH_SIZE) -> Iterator[CaptionRecord]:
     """Caption every feed until all have ended or ``stop`` is set.
 
     Args:

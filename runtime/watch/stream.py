@@ -22,19 +22,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import OptionsError
 from ..results import CaptionResult
+from .options import WatchOptions
 from .sources import Frame, FolderSource, VideoSource
-
-
-@dataclass(frozen=True)
-class WatchOptions:
-    max_fps: float | None = None  # cap on captions per second (None: as fast as the model goes)
-    scene_threshold: float = 0.08  # mean |difference| of 32x32 grayscale in [0, 1]
-    heartbeat_s: float | None = None  # caption at least this often even without scene change
-    changes_only: bool = False  # emit only when the caption text changes
-    realtime: bool | None = None  # None: True for live sources, False for files
-    camera: str = ""  # a name for the source, carried by every record (archive, alerts)
 
 
 @dataclass
@@ -133,8 +123,8 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
     when ``stop`` is set. Generation options (``num_beams``, ...) pass to the captioner.
 
     Raises:
-        OptionsError: ``max_fps`` <= 0 or bad generation options, at the call, before any
-            thread starts or the source is read.
+        OptionsError: bad generation options, at the call, before any thread starts or the
+            source is read (``WatchOptions`` checks its own bounds when it is built).
     """
     feed = CameraFeed(source, options, captioner.options(**generation), stop or threading.Event())
     return _watch_one(feed, captioner)
@@ -181,8 +171,6 @@ class CameraFeed:
 
     def __init__(self, source, options: WatchOptions, generation_options, stop: threading.Event,
                  ready: threading.Event | None = None):
-        if options.max_fps is not None and not options.max_fps > 0:
-            raise OptionsError(f"max_fps must be > 0 (got {options.max_fps})")
         self.source, self.options = source, options
         self.generation_options, self.stop = generation_options, stop
         self.realtime = source.live if options.realtime is None else options.realtime
