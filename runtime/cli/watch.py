@@ -133,7 +133,8 @@ def open_outputs(args: argparse.Namespace, camera: str, extra: tuple = ()) -> li
     """Every output watch writes, the archive first (a record is committed there before any
     other output shows it); None after a one-line error, with what was opened closed again.
     ``extra``: callables that open more outputs (alerts, metrics), after the files."""
-    from ..watch.stream import JsonlWriter, SubtitleWriter
+    from ..caption_io import JsonlWriter
+    from ..watch.stream import SubtitleWriter
 
     outputs: list = []
     path = args.archive
@@ -144,7 +145,7 @@ def open_outputs(args: argparse.Namespace, camera: str, extra: tuple = ()) -> li
             outputs.append(ArchiveWriter(args.archive, camera, args.snapshots,
                                          Retention(args.keep_days, args.max_disk_mb)))
         path = args.out
-        outputs.append(JsonlWriter(path))  # JSON lines go to stdout without --out
+        outputs.append(JsonlWriter(path, stdout=None if path else "json"))  # stdout without --out
         for path, kind in ((getattr(args, "srt", None), "srt"), (getattr(args, "vtt", None), "vtt")):
             if path:
                 outputs.append(SubtitleWriter(path, kind))

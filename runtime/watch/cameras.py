@@ -15,7 +15,7 @@ import threading
 from typing import Iterator
 
 from ..options import DEFAULT_BATCH_SIZE
-from .stream import CameraFeed, CaptionRecord, Chosen
+from .stream import CameraFeed, CaptionRecord, Chosen, caption_chosen
 
 log = logging.getLogger("edgecap.watch")
 
@@ -42,7 +42,7 @@ def watch_cameras(feeds: list[CameraFeed], captioner, stop: threading.Event,
             if not chosen:
                 ready.wait(_idle_wait(feeds))
                 continue
-            yield from _caption_round(captioner, chosen)
+            yield from caption_chosen(captioner, chosen)
     finally:
         stop.set()
         for feed in feeds:
@@ -52,8 +52,7 @@ def watch_cameras(feeds: list[CameraFeed], captioner, stop: threading.Event,
             log.error("camera %s: %s", feed.options.camera, feed.reader_error[0])
 
 
-def _take_round(feeds: list[CameraFeed], turn: int, max_batch: int
-                ) -> list[tuple[CameraFeed, Chosen]]:
+def _take_round(feeds: list[CameraFeed], turn: int, max_batch: int) -> list[Chosen]:
     """Up to ``max_batch`` gated frames, one per camera, fairly: the first camera rotates."""
     chosen = []
     for feed in feeds[turn:] + feeds[:turn]:
@@ -64,7 +63,7 @@ def _take_round(feeds: list[CameraFeed], turn: int, max_batch: int
         taken = feed.mailbox.take(timeout=0)
         picked = feed.choose(*taken) if taken is not None else None
         if picked is not None:
-            chosen.append((feed, picked))
+            chosen.append(picked)
     return chosen
 
 
@@ -73,17 +72,3 @@ def _idle_wait(feeds: list[CameraFeed]) -> float:
     short slice (a new frame wakes the scheduler at once through ``ready``)."""
     caps = [feed.cap_remaining() for feed in feeds if feed.cap_remaining() > 0]
     return min([0.1, *caps])
-
-
-def _caption_round(captioner, chosen: list[tuple[CameraFeed, Chosen]]) -> Iterator[CaptionRecord]:
-    """Caption the round's frames, one batch per set of generation options."""
-    groups: dict[object, list[tuple[CameraFeed, Chosen]]] = {}
-    for feed, picked in chosen:
-        groups.setdefault(feed.generation_options, []).append((feed, picked))
-    for options, members in groups.items():
-        results = captioner.caption_loaded([picked.frame.image for _, picked in members], options,
-                                           [feed.name_of(picked.frame) for feed, picked in members])
-        for (feed, picked), result in zip(members, results):
-            record = feed.finish(picked, result)
-            if record is not None:
-                yield record

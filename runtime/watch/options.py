@@ -11,8 +11,9 @@ builds its parser from it for every command.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import OptionsError
 from ..options import Option, argparse_type, parse_number

@@ -18,7 +18,6 @@ from ..errors import EdgecapError
 from ..options import Option, OptionsError
 from ..secret_files import warn_if_readable
 
-
 # The TOML types an option's value may have, by its schema type.
 _TOML_KINDS = {"integer": (int, "an integer"), "number": ((int, float), "a number"),
                "boolean": ((bool, str), "true or false")}
