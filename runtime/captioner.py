@@ -96,7 +96,8 @@ class Captioner:
         self.manifest.start_token(options.style)  # an unknown style fails here, before any work
         return options
 
-    def caption(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = DEFAULT_BATCH_SIZE,
+    def caption(self, images: ImageInput | Iterable[ImageInput], *,
+                batch_size: int = DEFAULT_BATCH_SIZE,
                 **generation: Any) -> CaptionResult | list[CaptionResult]:
         """Caption one image or a list of them.
 

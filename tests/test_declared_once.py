@@ -72,6 +72,12 @@ def test_out_of_bounds_watch_flags_are_usage_errors(tmp_path, capsys, flag, valu
     assert info.value.code == 2 and f"argument {flag}:" in err and "Traceback" not in err
 
 
+def test_the_config_docs_name_every_camera_option():
+    text = (REPO / "docs" / "alerts.md").read_text()
+    missing = [o.name for o in WATCH if f"`{o.name}`" not in text]
+    assert not missing, f"docs/alerts.md's key table lacks {missing}"
+
+
 def test_out_of_bounds_camera_keys_are_config_errors_naming_file_and_key(tmp_path, capsys):
     path = tmp_path / "cameras.toml"
     for key, value in (("scene_threshold", "-1"), ("heartbeat", "0"), ("timeout_s", "-5")):

@@ -214,9 +214,9 @@ def _serve_settings(args: argparse.Namespace):
     rate = args.rate_limit
     if rate is None:  # local tools and benchmarks are not throttled; network clients are
         rate = 0.0 if is_loopback(args.host) else DEFAULT_RATE_LIMIT
-    return settings_from_args(args, **runtime_from_args(args), generation=generation_from_args(args),
-                              api_keys=policy.api_keys, allowed_hosts=policy.allowed_hosts,
-                              rate_limit=rate)
+    return settings_from_args(args, **runtime_from_args(args),
+                              generation=generation_from_args(args), api_keys=policy.api_keys,
+                              allowed_hosts=policy.allowed_hosts, rate_limit=rate)
 
 
 def _warn_insecure(args: argparse.Namespace, api_keys: tuple[str, ...]) -> None:

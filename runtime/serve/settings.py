@@ -6,7 +6,8 @@
 ``Settings`` it builds (``settings_from_args``) all come from it, so adding a setting is one
 field here. The runtime fields (device, threads, ...) and ``generation`` come from
 ``edgecap.options``'s tables; ``api_keys`` and ``allowed_hosts`` from the bind policy. Importing
-this module is cheap (no starlette, no uvicorn): the CLI builds its parser from it for every command.
+this module is cheap (no starlette, no uvicorn): the CLI builds its parser from it for every
+command.
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def _between(table: ConfigTable) -> tuple[Any, Any] | None:
     return start, end
 
 
-def _targets(table: ConfigTable, broker: MqttBroker | None, mqtt_defaults: ConfigTable | None) -> tuple:
+def _targets(table: ConfigTable, broker: MqttBroker | None,
+             mqtt_defaults: ConfigTable | None) -> tuple:
     targets: list = []
     if (command := _command(table)) is not None:
         targets.append(command)

@@ -21,7 +21,8 @@ log = logging.getLogger("edgecap.watch")
 
 
 def watch_cameras(feeds: list[CameraFeed], captioner, stop: threading.Event,
-                  ready: threading.Event, max_batch: int = DEFAULT_BATCH_SIZE) -> Iterator[CaptionRecord]:
+                  ready: threading.Event, max_batch: int = DEFAULT_BATCH_SIZE
+                  ) -> Iterator[CaptionRecord]:
     """Caption every feed until all have ended or ``stop`` is set.
 
     Args:

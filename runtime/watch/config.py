@@ -1,11 +1,11 @@
 """``edgecap watch --config cameras.toml``: cameras and alert rules in one TOML file.
 
 Read with stdlib ``tomllib``; every key is known and checked (type and bounds) before anything
-starts, and every problem is one ``ConfigError`` line ``FILE:LINE: key: problem`` (``toml_table``). A
-``[[camera]]`` takes the keys of ``WATCH`` and ``GENERATION``; ``[[alert]]`` and ``[mqtt]`` are
-read by ``alert_config``. Secrets never need to sit in the file: ``password_env``/
-``password_file`` and ``headers_env``/``headers_file`` name where they are. Relative paths are
-relative to the config file's folder. See docs/alerts.md.
+starts, and every problem is one ``ConfigError`` line ``FILE:LINE: key: problem``
+(``toml_table``). A ``[[camera]]`` takes the keys of ``WATCH`` and ``GENERATION``;
+``[[alert]]`` and ``[mqtt]`` are read by ``alert_config``. Secrets never need to sit in the
+file: ``password_env``/``password_file`` and ``headers_env``/``headers_file`` name where they
+are. Relative paths are relative to the config file's folder. See docs/alerts.md.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class WatchOptions:
     """
 
     max_fps: float | None = _BY_FIELD["max_fps"].default  # None: as fast as the model goes
-    scene_threshold: float = _BY_FIELD["scene_threshold"].default  # of 32x32 grayscale, in [0, 1]
+    scene_threshold: float = _BY_FIELD["scene_threshold"].default  # the thumbnails' mean change
     heartbeat_s: float | None = _BY_FIELD["heartbeat_s"].default  # even without a scene change
     changes_only: bool = _BY_FIELD["changes_only"].default
     realtime: bool | None = _BY_FIELD["realtime"].default  # None: live sources yes, files no

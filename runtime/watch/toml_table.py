@@ -144,7 +144,9 @@ class ConfigTable:
 
     def table(self, key: str) -> ConfigTable | None:
         value = self.get(key, dict, "a table")
-        return None if value is None else ConfigTable(self.source, value, self.block, self.keys + (key,))
+        if value is None:
+            return None
+        return ConfigTable(self.source, value, self.block, self.keys + (key,))
 
     def path(self, key: str) -> Path | None:
         value = self.text(key)
