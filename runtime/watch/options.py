@@ -53,7 +53,6 @@ WATCH: tuple[WatchOption, ...] = (
     WatchOption("timeout_s", parse_number, "stream read timeout in seconds", _POSITIVE,
                 default=5.0),
 )
-WATCH_NAMES = tuple(option.name for option in WATCH)
 _BY_FIELD = {option.field: option for option in WATCH if option.field}
 
 
