@@ -1,12 +1,13 @@
 """The caption command's inputs and lines, shared by its local and Ray paths: which files a
 list of paths, folders and globs names, which of them an earlier run already wrote to ``--out``,
-and how one record is written. The Ray library (``distributed.py``) uses them without importing
-the command."""
+and the one writer of JSON lines (which ``watch`` uses too). The Ray library
+(``distributed.py``) uses them without importing the command."""
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,14 +51,55 @@ def completed_sources(out: Path) -> set[str]:
     return done
 
 
-def emit_record(record: dict, sink, as_json: bool, many: bool) -> None:
-    """One input's line: JSONL to --out and/or stdout, else plain text on stdout."""
-    line = json.dumps(record, ensure_ascii=False)
-    if sink:
-        sink.write(line + "\n")
-        sink.flush()
-    if as_json:
-        print(line, flush=True)
-    elif not sink:
-        text = record["generated_text"] if record["status"] == "ok" else f"ERROR: {record['error']}"
-        print(f"{record['source']}\t{text}" if many else text, flush=True)
+class JsonlWriter:
+    """The one writer of JSON lines: ``caption`` (local and Ray) and ``watch``.
+
+    A record is appended to ``path`` as one line, flushed at once (a killed run leaves at most
+    a torn last line, which ``completed_sources`` drops), and the file is fsynced on close.
+    Stdout gets the same line (``stdout="json"``), or for people the caption alone, after its
+    source when there are ``many`` inputs (``"text"``), or nothing (None).
+
+    Raises:
+        OSError: ``path`` cannot be opened for appending.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, stdout: str | None = "json",
+                 many: bool = True):
+        if stdout not in ("json", "text", None):
+            raise ValueError(f"stdout={stdout!r}: choose json, text or None")
+        self.handle = open(path, "a", encoding="utf-8") if path else None
+        self.stdout, self.many = stdout, many
+
+    def write(self, record: dict) -> None:
+        """One record (``CaptionResult.to_record()`` and kin) as one line."""
+        line = json.dumps(record, ensure_ascii=False)
+        if self.handle:
+            self.handle.write(line + "\n")
+            self.handle.flush()
+        if self.stdout == "json":
+            print(line, flush=True)
+        elif self.stdout == "text":
+            ok = record["status"] == "ok"
+            text = record["generated_text"] if ok else f"ERROR: {record['error']}"
+            print(f"{record['source']}\t{text}" if self.many else text, flush=True)
+
+    def add(self, item) -> None:
+        """An object with ``to_record()`` (a watch record), as the other watch outputs take."""
+        self.write(item.to_record())
+
+    def close(self) -> None:
+        if self.handle and not self.handle.closed:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stdout_mode(as_json: bool, to_file: bool) -> str | None:
+    """What ``caption`` prints: JSON with --json, else the captions unless they go to --out."""
+    return "json" if as_json else None if to_file else "text"

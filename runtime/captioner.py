@@ -6,7 +6,7 @@ import dataclasses
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -15,11 +15,23 @@ from .gpu.device_runner import make_runner
 from .errors import EdgecapError, ModelError, OptionsError
 from .grounding import Grounding
 from .manifest import GROUNDING_OUTPUTS, PIXEL_VALUES, GenerationOptions, Manifest
-from .options import IO_BINDING, check_generation
+from .options import DEFAULT_BATCH_SIZE, IO_BINDING, check_generation
 from .preprocess import ImageInput, describe, load_image, preprocess_batch
 from .results import CaptionFailure, CaptionResult
 from .sessions import open_graphs
 from .tokenizer import CaptionTokenizer
+
+
+class Pending(Protocol):
+    """A decoded image waiting for its caption, with the options and name it is captioned with
+    (the service's queued jobs, the cameras' chosen frames)."""
+
+    image: Any  # RGB PIL image
+    options: GenerationOptions
+    source: str
+
+
+P = TypeVar("P", bound=Pending)
 
 
 def default_model_dir() -> Path:
@@ -84,7 +96,8 @@ class Captioner:
         self.manifest.start_token(options.style)  # an unknown style fails here, before any work
         return options
 
-    def caption(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 8,
+    def caption(self, images: ImageInput | Iterable[ImageInput], *,
+                batch_size: int = DEFAULT_BATCH_SIZE,
                 **generation: Any) -> CaptionResult | list[CaptionResult]:
         """Caption one image or a list of them.
 
@@ -110,7 +123,7 @@ class Captioner:
         return results[0] if single else results
 
     def caption_stream(self, items: Iterable[ImageInput | tuple[str, ImageInput]], *,
-                       batch_size: int = 8, **generation: Any
+                       batch_size: int = DEFAULT_BATCH_SIZE, **generation: Any
                        ) -> Iterator[CaptionResult | CaptionFailure]:
         """Caption many inputs lazily: one outcome per input, in input order.
 
@@ -157,6 +170,37 @@ class Captioner:
         pending = iter(outcomes)
         for slot in slots:
             yield next(pending) if slot is None else slot
+
+    def caption_grouped(self, items: Iterable[P],
+                        admit: Callable[[list[P]], list[P]] | None = None
+                        ) -> Iterator[tuple[list[P], list[CaptionResult] | Exception]]:
+        """Caption decoded images that may carry different options: one ``caption_loaded``
+        batch per distinct ``GenerationOptions`` (one decode loop cannot mix beam widths), in
+        the order each first appears. Captions do not depend on their batch, so the grouping
+        changes no caption.
+
+        Args:
+            items: ``Pending`` images (``image``, ``options``, ``source``).
+            admit: called with each group just before it is captioned; returns the members
+                still wanted (the service drops requests cancelled meanwhile).
+        Yields:
+            ``(members, results)`` per group, results in member order, or ``(members, error)``
+            when captioning the group raised: a failure reaches only its own members.
+        """
+        groups: dict[GenerationOptions, list[P]] = {}
+        for item in items:
+            groups.setdefault(item.options, []).append(item)
+        for options, members in groups.items():
+            members = admit(members) if admit is not None else members
+            if not members:
+                continue
+            try:
+                results = self.caption_loaded([m.image for m in members], options,
+                                              [m.source for m in members])
+            except Exception as exc:  # noqa: BLE001 - the caller hands it to these members
+                yield members, exc
+                continue
+            yield members, results
 
     def caption_loaded(self, images: list, options: GenerationOptions, sources: list[str],
                        began: float | None = None) -> list[CaptionResult]:

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .caption_io import completed_sources, emit_record, expand_inputs
+from .caption_io import JsonlWriter, completed_sources, expand_inputs, stdout_mode
 from .errors import EdgecapError, ImageError
-from .options import check_generation, generation_from_args
-from .results import CaptionFailure
+from .options import DEFAULT_BATCH_SIZE, check_generation, generation_from_args
+from .results import RECORD_KEYS, CaptionFailure, record_keys
 
 if TYPE_CHECKING:
     import pyarrow
@@ -34,8 +34,7 @@ if TYPE_CHECKING:
 # The record's keys (docs/options.md) as one table schema: ok rows leave ``error`` null, error
 # rows leave the caption fields null. Every block and Parquet file has exactly this schema, so
 # files written by different tasks and runs read back as one table.
-RECORD_FIELDS = ("source", "status", "generated_text", "score", "token_ids", "tags", "latency_ms",
-                 "error")
+RECORD_FIELDS = record_keys("ok", "error")
 # Columns a user's Ray Dataset may name its inputs by (read_binary_files gives bytes + path).
 PATH_COLUMNS = ("path", "source", "item")
 
@@ -46,10 +45,20 @@ def record_schema() -> pyarrow.Schema:
     """The Arrow schema of caption records (one column per record key)."""
     import pyarrow as pa
 
-    tag = pa.struct([("label", pa.string()), ("score", pa.float64())])
-    types = {"score": pa.float64(), "latency_ms": pa.float64(), "token_ids": pa.list_(pa.int64()),
-             "tags": pa.list_(tag)}
-    return pa.schema([(name, types.get(name, pa.string())) for name in RECORD_FIELDS])
+    schemas = {key.name: key.schema for key in RECORD_KEYS}
+    return pa.schema([(name, _arrow_type(schemas[name])) for name in RECORD_FIELDS])
+
+
+def _arrow_type(schema: dict[str, Any]) -> pyarrow.DataType:
+    """The Arrow type of a record key's JSON Schema (``results.RECORD_KEYS``)."""
+    import pyarrow as pa
+
+    kind = schema["type"]
+    if kind == "array":
+        return pa.list_(_arrow_type(schema["items"]))
+    if kind == "object":
+        return pa.struct([(name, _arrow_type(sub)) for name, sub in schema["properties"].items()])
+    return {"string": pa.string(), "number": pa.float64(), "integer": pa.int64()}[kind]
 
 
 def row_to_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +124,7 @@ class CaptionActor:
 
 
 def caption_dataset(inputs: str | Path | Iterable[str | Path] | ray.data.Dataset,
-                    model: str | Path | None = None, *, batch_size: int = 8,
+                    model: str | Path | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
                     actors: int | tuple[int, int | None] = (1, None), cpus_per_actor: int = 1,
                     device: str = "cpu", skip: Iterable[str] = (), **generation: Any
                     ) -> ray.data.Dataset:
@@ -287,18 +296,12 @@ def write_lines(dataset: ray.data.Dataset, args: argparse.Namespace, many: bool
     """Stream records to --out (JSONL, appended and flushed per line, as ``caption`` does) and/or
     stdout. Only finished batches reach the driver, so a retried batch is written once."""
     counts = {"ok": 0, "error": 0}
-    sink = open(args.out, "a", encoding="utf-8") if args.out else None
-    try:
+    with JsonlWriter(args.out, stdout_mode(args.json, args.out is not None), many) as lines:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 record = row_to_record(row)
                 counts[record["status"]] += 1
-                emit_record(record, sink, args.json, many=many)
-    finally:
-        if sink:
-            sink.flush()
-            os.fsync(sink.fileno())
-            sink.close()
+                lines.write(record)
     return counts
 
 

@@ -102,10 +102,16 @@ def _number(text: Any) -> float:
     return value
 
 
+# Public names for the parsers other option tables reuse (watch, serve).
+parse_integer, parse_number = _integer, _number
+
 # The caps bound what one request may cost a shared service (beam search grows with the beams),
 # and they size the input shapes a TensorRT engine is built for (gpu_providers.py).
 MAX_BEAMS = 32
 MAX_BATCH = 64
+# Images captioned together unless a front end is told otherwise: the caption command, the
+# service's micro-batches, a round of cameras and Ray's actor calls all start from it.
+DEFAULT_BATCH_SIZE = 8
 
 def parse_switch(text: str | bool) -> bool:
     """A yes/no option: true/false, on/off, yes/no or 1/0."""
@@ -157,7 +163,7 @@ RUNTIME: tuple[Option, ...] = (
            {"type": "integer", "minimum": 1}),
     Option("batch_size", _integer, "images captioned together; a caption does not depend on the "
            "rest of its batch", {"type": "integer", "minimum": 1, "maximum": MAX_BATCH},
-           default=8),
+           default=DEFAULT_BATCH_SIZE),
     Option("precision", str, "GPU arithmetic: fp16 lets tensorrt run layers in half precision "
            "(cuda needs an fp16 export for it; the CPU always runs the graphs as exported)",
            {"type": "string", "enum": list(PRECISIONS)}, choices=PRECISIONS, default="fp32"),
@@ -175,7 +181,8 @@ CAPTIONER_ARGUMENTS = {"device": "device", "threads": "cpu_threads", "precision"
 GENERATION_NAMES = tuple(option.name for option in GENERATION)
 
 
-def _argparse_type(option: Option) -> Callable[[str], Any]:
+def argparse_type(option: Option) -> Callable[[str], Any]:
+    """An argparse type that parses and bounds-checks ``option`` (a usage error otherwise)."""
     def convert(text: str) -> Any:
         try:
             return option.check(text)
@@ -189,14 +196,14 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Every generation flag; unset flags stay None so the model's own defaults apply."""
     group = parser.add_argument_group("generation (default: the model's own settings)")
     for option in GENERATION:
-        group.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
+        group.add_argument(*option.cli_flags, dest=option.name, type=argparse_type(option),
                            default=None, help=option.help,
                            metavar=option.schema.get("type", "VALUE").upper())
 
 
 def add_option_argument(parser, option: Option, default: Any = None) -> None:
     """One option as a CLI flag: its spellings, parser, bounds and help (argparse or a group)."""
-    parser.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
+    parser.add_argument(*option.cli_flags, dest=option.name, type=argparse_type(option),
                         default=default, choices=option.choices, help=option.help,
                         metavar=option.metavar)
 
@@ -210,7 +217,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | 
             continue
         default = batch_size if option.name == "batch_size" else option.default
         extra = f" (default {default})" if default is not None else ""
-        group.add_argument(*option.cli_flags, dest=option.name, type=_argparse_type(option),
+        group.add_argument(*option.cli_flags, dest=option.name, type=argparse_type(option),
                            default=default, choices=option.choices, help=option.help + extra,
                            metavar=option.metavar)
 

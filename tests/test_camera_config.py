@@ -133,7 +133,7 @@ def test_bounds_are_checked(tmp_path, secrets):
     assert f":{line_of(VALID, 'num_beams')}: camera.num_beams: must be >= 1" in message
     message = config_error(tmp_path, VALID.replace("scene_threshold = 0.2",
                                                    "scene_threshold = 1.5"))
-    assert "camera.scene_threshold: must be >= 0 and <= 1" in message
+    assert "camera.scene_threshold: must be <= 1 (got 1.5)" in message
     message = config_error(tmp_path, VALID.replace("changes_only = true", "changes_only = 1"))
     assert "camera.changes_only: expected true or false" in message
 

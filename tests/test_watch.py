@@ -162,18 +162,16 @@ def test_heartbeat_adds_captions_within_a_scene(tiny_export, scene_video):
     assert sum(r.reason == "heartbeat" for r in records) >= len(cuts)
 
 
-class SlowCaptioner:
+class SlowCaptioner(Captioner):
     """The real captioner, slowed down on purpose: the stream outpaces it."""
 
-    def __init__(self, captioner, delay_s: float):
-        self.captioner, self.delay_s = captioner, delay_s
-
-    def options(self, **kwargs):
-        return self.captioner.options(**kwargs)
+    def __init__(self, model, delay_s: float):
+        super().__init__(model)
+        self.delay_s = delay_s
 
     def caption_loaded(self, *args, **kwargs):
         time.sleep(self.delay_s)
-        return self.captioner.caption_loaded(*args, **kwargs)
+        return super().caption_loaded(*args, **kwargs)
 
 
 def rss_mb() -> float:
@@ -186,7 +184,7 @@ def rss_mb() -> float:
 def test_slow_captioner_drops_frames_and_memory_stays_bounded(tiny_export, tmp_path, flickr_test_images):
     video = tmp_path / "fast.mp4"
     encode_video(video, flickr_test_images[:2], fps=50, seconds=3.0, size=(640, 480))
-    slow = SlowCaptioner(Captioner(tiny_export), delay_s=0.2)
+    slow = SlowCaptioner(tiny_export, delay_s=0.2)
     before = rss_mb()
     records = list(watch(VideoSource(str(video)), slow,
                          WatchOptions(realtime=True, heartbeat_s=0.01)))

@@ -36,7 +36,6 @@ class MqttPublisher:
 
         self.broker, self._stats, self._capacity = broker, stats, capacity
         self.status_topic = status_topic
-        self.disconnects = 0
         self._items: deque[Delivery] = deque()
         self._states: dict[str, tuple[str, bytes]] = {}  # camera -> (topic, body), newest only
         self._pending: dict[int, Delivery | None] = {}  # paho message id -> alert (None: state)
@@ -102,7 +101,6 @@ class MqttPublisher:
         with self._cond:
             was_connected, self._connected = self._connected, False
         if was_connected and not self._closing:
-            self.disconnects += 1
             log.warning("alerts: lost the MQTT broker %s:%d (%s); alerts wait in the queue",
                         self.broker.host, self.broker.port, reason_code)
 

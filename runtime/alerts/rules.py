@@ -38,6 +38,7 @@ from .targets import (
 )
 from ..archive.schema import FTS_TOKENIZER
 from ..errors import EdgecapError
+from ..results import record_keys
 
 __all__ = ["AlertError", "AlertRule", "Alerts", "CaptionMatcher", "CommandTarget", "MqttBroker",
            "MqttTarget", "WebhookTarget", "check_fts_query", "parse_clock"]
@@ -45,8 +46,7 @@ __all__ = ["AlertError", "AlertRule", "Alerts", "CaptionMatcher", "CommandTarget
 log = logging.getLogger("edgecap.alerts")
 DEFAULT_QUEUE_SIZE = 100  # alerts waiting per target kind before new ones are dropped
 DEFAULT_COOLDOWN_S = 60.0
-PAYLOAD_KEYS = ("camera", "generated_text", "stream_time", "wall_time", "frame_index", "score",
-                "tags", "snapshot")
+PAYLOAD_KEYS = record_keys("alert")  # what an alert and a camera's state message carry
 # The archive's tokenizer, so a rule matches what `edgecap search` finds.
 FTS_TABLE = f"CREATE VIRTUAL TABLE one_caption USING fts5 (caption, tokenize='{FTS_TOKENIZER}')"
 

@@ -9,13 +9,13 @@ recorded there, so an interrupted run resumes instead of starting over.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from ..caption_io import completed_sources, emit_record, expand_inputs
+from ..caption_io import JsonlWriter, completed_sources, expand_inputs, stdout_mode
 from ..options import (
+    DEFAULT_BATCH_SIZE,
     add_generation_arguments,
     add_runtime_arguments,
     generation_from_args,
@@ -31,7 +31,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path,
                         help="append JSONL results here; a re-run skips inputs already in it")
     add_generation_arguments(parser)
-    add_runtime_arguments(parser, batch_size=8)
+    add_runtime_arguments(parser, batch_size=DEFAULT_BATCH_SIZE)
     from ..distributed import add_ray_arguments  # argparse only: ray is imported with --ray
 
     add_ray_arguments(parser)
@@ -53,25 +53,23 @@ def run_caption(args: argparse.Namespace) -> int:
     captioner = Captioner(args.model, **runtime_from_args(args))
     generation = generation_from_args(args)
     captioner.options(**generation)  # a bad combination fails before any file is opened
-    sink = open(args.out, "a", encoding="utf-8") if args.out else None
-    progress = Progress(len(sources), enabled=sink is not None or len(sources) > 1)
+    lines = JsonlWriter(args.out, stdout_mode(args.json, args.out is not None),
+                        many=len(sources) > 1)
+    progress = Progress(len(sources), enabled=args.out is not None or len(sources) > 1)
     counts = {"ok": 0, "error": 0}
     try:
         for outcome in captioner.caption_stream(sources, batch_size=args.batch_size, **generation):
             record = outcome.to_record()
             counts[record["status"]] += 1
-            emit_record(record, sink, args.json, many=len(sources) > 1)
+            lines.write(record)
             progress.update()
     finally:
-        if sink:
-            sink.flush()
-            os.fsync(sink.fileno())
-            sink.close()
+        lines.close()
         progress.close()
     summary = f"{counts['ok']} captioned, {counts['error']} failed"
     if skipped:
         summary += f", {skipped} already in {args.out}"
-    if sink is not None or counts["error"] or len(sources) > 1:
+    if args.out is not None or counts["error"] or len(sources) > 1:
         print(f"edgecap: {summary}", file=sys.stderr)
     return 1 if counts["error"] else 0
 

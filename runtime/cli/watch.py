@@ -13,6 +13,7 @@ from typing import Iterator
 
 from ..errors import EdgecapError
 from ..options import generation_from_args, runtime_from_args
+from ..watch.options import WatchOptions
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def run_one(args: argparse.Namespace) -> int:
     captioner = Captioner(args.model, **runtime_from_args(args))
     generation = generation_from_args(args)
     captioner.options(**generation)  # fail on bad options before any writer opens a file
-    options = watch_options(args, args.camera or _default_camera(args.source))
+    options = WatchOptions.from_values(vars(args), args.camera or _default_camera(args.source))
     outputs = open_outputs(args, options.camera)
     if outputs is None:
         return 1
@@ -97,21 +98,13 @@ def run_cameras(args: argparse.Namespace) -> int:
     return 1 if any(feed.source.stats.read_errors for feed in feeds) else 0
 
 
-def watch_options(args: argparse.Namespace, camera: str):
-    from ..watch.stream import WatchOptions
-
-    return WatchOptions(max_fps=args.fps, scene_threshold=args.scene_threshold,
-                        heartbeat_s=args.heartbeat, changes_only=args.changes_only,
-                        realtime=args.realtime, camera=camera)
-
-
 def _camera_feed(camera, args: argparse.Namespace, captioner, stop, ready):
     from ..watch.stream import CameraFeed
 
-    merged = camera.args(args)  # the command line with this camera's own options over it
+    merged = camera.args(args)  # the command line with this camera's source, name and options
     generation = captioner.options(**generation_from_args(merged))
-    return CameraFeed(_open_source(merged), watch_options(merged, camera.name), generation,
-                      stop, ready)
+    return CameraFeed(_open_source(merged), WatchOptions.from_values(vars(merged), merged.camera),
+                      generation, stop, ready)
 
 
 def _open_source(args: argparse.Namespace):
@@ -150,7 +143,8 @@ def open_outputs(args: argparse.Namespace, camera: str, extra: tuple = ()) -> li
     """Every output watch writes, the archive first (a record is committed there before any
     other output shows it); None after a one-line error, with what was opened closed again.
     ``extra``: callables that open more outputs (alerts, metrics), after the files."""
-    from ..watch.stream import JsonlWriter, SubtitleWriter
+    from ..caption_io import JsonlWriter
+    from ..watch.stream import SubtitleWriter
 
     outputs: list = []
     path = args.archive
@@ -161,7 +155,7 @@ def open_outputs(args: argparse.Namespace, camera: str, extra: tuple = ()) -> li
             outputs.append(ArchiveWriter(args.archive, camera, args.snapshots,
                                          Retention(args.keep_days, args.max_disk_mb)))
         path = args.out
-        outputs.append(JsonlWriter(path))  # JSON lines go to stdout without --out
+        outputs.append(JsonlWriter(path, stdout=None if path else "json"))  # stdout without --out
         for path, kind in ((getattr(args, "srt", None), "srt"), (getattr(args, "vtt", None), "vtt")):
             if path:
                 outputs.append(SubtitleWriter(path, kind))

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,50 +43,9 @@ from ..options import generation_from_fields
 from .fairness import CostShares, request_cost
 from .bodies import Rejected, read_body
 from .security import Guard, Policy, SecurityConfigError, page_csp
+from .settings import Settings
 
 DEMO_PAGE = (Path(__file__).parent / "demo.html")
-
-
-@dataclass
-class Settings:
-    """How the service runs; ``generation`` holds its default options (requests may override)."""
-
-    model: str | Path | None = None
-    max_batch: int = 8
-    max_wait_ms: float = 10.0
-    max_queue: int = 32
-    timeout_s: float = 30.0
-    max_body_bytes: int = 20 * 2**20
-    max_images: int = 8
-    cpu_threads: int | None = None
-    device: str = "cpu"
-    precision: str = "fp32"  # the GPU settings, as for Captioner
-    engine_cache: str | Path | None = None
-    io_binding: str = "auto"
-    generation: dict[str, Any] = field(default_factory=dict)
-    archive: str | Path | None = None  # a caption archive to search (GET /v1/events)
-    snapshots: Path | None = None  # snapshots are served from inside it (default: archive's folder)
-    api_keys: tuple[str, ...] = ()  # with keys, every request outside OPEN_PATHS needs one
-    allowed_hosts: tuple[str, ...] | None = None  # Host names answered (None: any)
-    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
-    tls_key: Path | None = None
-    max_connections: int = 128  # beyond it uvicorn answers 503 before reading the request
-    metrics_auth: bool = False  # with keys, /metrics needs one too
-    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site (CORS); none: off
-    rate_limit: float = 0.0  # requests a second per client address; 0: no limit
-    rate_burst: int = 1  # requests an idle client may send at once
-    header_timeout_s: float = 10.0  # request headers must arrive within it (slowloris)
-    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after it
-    # Peers whose X-Forwarded-For / -Proto are believed (proxies); none: the headers are ignored.
-    forwarded_allow_ips: tuple[str, ...] = ()
-    # Fairness (serve_fairness, serve_limits): work units (images x beams x new tokens) and open
-    # connections one client address may hold; None: a quarter of max_connections.
-    max_client_cost: int = 4096
-    max_client_connections: int | None = None
-    # Decode memory (decode_guard): pixels per image, per request, and decoding at once.
-    max_image_pixels: int = 50_000_000
-    max_request_pixels: int = 100_000_000
-    decode_pixels: int = 64_000_000
 
 
 class Metrics:

@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..manifest import GenerationOptions
+from .settings import Settings
 
 
 class Overloaded(Exception):
@@ -31,12 +32,13 @@ _STOP = object()
 class MicroBatcher:
     """Collects up to ``max_batch`` jobs, waiting at most ``max_wait_ms`` after the first one.
 
-    Jobs with different generation options are captioned in separate groups (one decode loop
-    cannot mix beam widths). ``on_batch(size)`` is called for each group, for metrics.
+    Jobs with different generation options are captioned in separate groups
+    (``Captioner.caption_grouped``). ``on_batch(size)`` is called for each group, for metrics.
     """
 
-    def __init__(self, captioner, *, max_batch: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 64, on_batch=None):
+    def __init__(self, captioner, *, max_batch: int = Settings.max_batch,
+                 max_wait_ms: float = Settings.max_wait_ms, max_queue: int = Settings.max_queue,
+                 on_batch=None):
         self.captioner = captioner
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1e3
@@ -83,20 +85,17 @@ class MicroBatcher:
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
-        groups: dict[GenerationOptions, list[Job]] = {}
-        for job in batch:
-            groups.setdefault(job.options, []).append(job)
-        for options, jobs in groups.items():
-            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if not live:
+        for jobs, outcome in self.captioner.caption_grouped(batch, admit=self._admit):
+            if isinstance(outcome, Exception):  # a group's failure goes to its own waiters
+                for job in jobs:
+                    job.future.set_exception(outcome)
                 continue
-            self.on_batch(len(live))
-            try:
-                results = self.captioner.caption_loaded(
-                    [j.image for j in live], options, [j.source for j in live])
-            except Exception as exc:  # noqa: BLE001 - hand every failure to its waiter
-                for job in live:
-                    job.future.set_exception(exc)
-                continue
-            for job, result in zip(live, results):
+            for job, result in zip(jobs, outcome):
                 job.future.set_result(result)
+
+    def _admit(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still awaited (a timed-out request cancels its future), counted as a batch."""
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if live:
+            self.on_batch(len(live))
+        return live

@@ -7,6 +7,7 @@ from typing import Any
 from .openapi_compat import COMPAT_PATHS
 from ..archive import SearchQuery
 from ..options import openapi_form_properties, openapi_parameters
+from ..results import record_keys
 
 
 def openapi_document(archive: bool = False, api_keys: bool = False,
@@ -64,8 +65,8 @@ def _captions_operation(image: dict, form: dict) -> dict[str, Any]:
         "requestBody": {"content": {"image/*": {"schema": image},
                                     "multipart/form-data": {"schema": form}}},
         "responses": {
-            "200": {"description": "one record (generated_text, score, token_ids, tags, "
-                                   "latency_ms, source, status), or {results: [...]}"},
+            "200": {"description": f"one record ({', '.join(record_keys('ok'))}), "
+                                   "or {results: [...]}"},
             "400": {"description": "bad request or options"},
             "408": {"description": "body not received within the timeout"},
             "413": {"description": "body too large"},

@@ -20,8 +20,9 @@ import threading
 import time
 from typing import Iterator
 
+from ..options import DEFAULT_BATCH_SIZE
 from .lanes import LaneStats
-from .stream import CameraFeed, CaptionRecord, Chosen
+from .stream import CameraFeed, CaptionRecord, Chosen, caption_chosen
 
 log = logging.getLogger("edgecap.watch")
 
@@ -29,7 +30,7 @@ Work = list[tuple[CameraFeed, Chosen]]
 
 
 def watch_cameras(feeds: list[CameraFeed], captioner, stop: threading.Event,
-                  ready: threading.Event, max_batch: int = 8, lanes: int = 1,
+                  ready: threading.Event, max_batch: int = DEFAULT_BATCH_SIZE, lanes: int = 1,
                   stats: LaneStats | None = None) -> Iterator[CaptionRecord]:
     """Caption every feed until all have ended or ``stop`` is set.
 
@@ -103,7 +104,7 @@ def _lane(index: int, scheduler: Scheduler, captioner, out: queue.Queue, stop: t
             ready.set()  # frames may be left that this lane's share did not cover: wake the rest
             began = time.perf_counter()
             try:
-                records = list(_caption_round(captioner, work))
+                records = list(caption_chosen(captioner, [picked for _, picked in work]))
                 if stats is not None:
                     stats.add(index, len(work), time.perf_counter() - began)
                 # The cameras stay this lane's until their records are out, so another lane's
@@ -183,17 +184,3 @@ class Scheduler:
         most a short slice (a new frame wakes it at once through ``ready``)."""
         caps = [feed.cap_remaining() for feed in self.feeds if feed.cap_remaining() > 0]
         return min([0.1, *caps])
-
-
-def _caption_round(captioner, chosen: Work) -> Iterator[CaptionRecord]:
-    """Caption the frames, one batch per set of generation options."""
-    groups: dict[object, Work] = {}
-    for feed, picked in chosen:
-        groups.setdefault(feed.generation_options, []).append((feed, picked))
-    for options, members in groups.items():
-        results = captioner.caption_loaded([picked.frame.image for _, picked in members], options,
-                                           [feed.name_of(picked.frame) for feed, picked in members])
-        for (feed, picked), result in zip(members, results):
-            record = feed.finish(picked, result)
-            if record is not None:
-                yield record

@@ -11,7 +11,6 @@ paces a file at its own frame rate and applies the live-source dropping policy.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import threading
 import time
@@ -22,19 +21,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import OptionsError
 from ..results import CaptionResult
+from .options import WatchOptions
 from .sources import Frame, FolderSource, VideoSource
-
-
-@dataclass(frozen=True)
-class WatchOptions:
-    max_fps: float | None = None  # cap on captions per second (None: as fast as the model goes)
-    scene_threshold: float = 0.08  # mean |difference| of 32x32 grayscale in [0, 1]
-    heartbeat_s: float | None = None  # caption at least this often even without scene change
-    changes_only: bool = False  # emit only when the caption text changes
-    realtime: bool | None = None  # None: True for live sources, False for files
-    camera: str = ""  # a name for the source, carried by every record (archive, alerts)
 
 
 @dataclass
@@ -133,8 +122,8 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
     when ``stop`` is set. Generation options (``num_beams``, ...) pass to the captioner.
 
     Raises:
-        OptionsError: ``max_fps`` <= 0 or bad generation options, at the call, before any
-            thread starts or the source is read.
+        OptionsError: bad generation options, at the call, before any thread starts or the
+            source is read (``WatchOptions`` checks its own bounds when it is built).
     """
     feed = CameraFeed(source, options, captioner.options(**generation), stop or threading.Event())
     return _watch_one(feed, captioner)
@@ -153,26 +142,48 @@ def _watch_one(feed: CameraFeed, captioner) -> Iterator[CaptionRecord]:
             chosen = feed.choose(*taken)
             if chosen is None:
                 continue
-            result = captioner.caption_loaded([chosen.frame.image], feed.generation_options,
-                                              [feed.name_of(chosen.frame)])[0]
-            record = feed.finish(chosen, result)
-            if record is not None:
-                yield record
+            yield from caption_chosen(captioner, [chosen])
     finally:
         feed.stop.set()
         feed.close()
     feed.raise_reader_error()
 
 
+def caption_chosen(captioner, chosen: list[Chosen]) -> Iterator[CaptionRecord]:
+    """Caption frames chosen by one or many feeds (``Captioner.caption_grouped``: a batch per
+    set of generation options) and turn each caption into its feed's record."""
+    for members, outcome in captioner.caption_grouped(chosen):
+        if isinstance(outcome, Exception):
+            raise outcome
+        for picked, result in zip(members, outcome):
+            record = picked.feed.finish(picked, result)
+            if record is not None:
+                yield record
+
+
 @dataclass
 class Chosen:
-    """A frame the scene gate chose to caption, with what the record will need."""
+    """A frame the scene gate chose to caption, with what the caption and record need (a
+    ``captioner.Pending``)."""
 
+    feed: CameraFeed
     frame: Frame
     received: float  # monotonic arrival
     dropped_so_far: int
     reason: str
     signature: np.ndarray
+
+    @property
+    def image(self) -> Image.Image:
+        return self.frame.image
+
+    @property
+    def options(self):
+        return self.feed.generation_options
+
+    @property
+    def source(self) -> str:
+        return self.feed.name_of(self.frame)
 
 
 class CameraFeed:
@@ -181,8 +192,6 @@ class CameraFeed:
 
     def __init__(self, source, options: WatchOptions, generation_options, stop: threading.Event,
                  ready: threading.Event | None = None):
-        if options.max_fps is not None and not options.max_fps > 0:
-            raise OptionsError(f"max_fps must be > 0 (got {options.max_fps})")
         self.source, self.options = source, options
         self.generation_options, self.stop = generation_options, stop
         self.realtime = source.live if options.realtime is None else options.realtime
@@ -270,7 +279,8 @@ class CameraFeed:
         """The frame with why it is captioned, or None when the gate skips it."""
         current = signature(frame)
         reason = self._reason(frame, current)
-        return None if reason is None else Chosen(frame, received, dropped_so_far, reason, current)
+        return None if reason is None else Chosen(self, frame, received, dropped_so_far, reason,
+                                                  current)
 
     def finish(self, chosen: Chosen, result: CaptionResult) -> CaptionRecord | None:
         """The record of a captioned frame (None under changes_only when the text repeats)."""
@@ -367,22 +377,3 @@ class SubtitleWriter:
 def _one_line(caption: str) -> str:
     """A cue's text: one line (a blank line would end the cue), never empty (invalid SRT)."""
     return " ".join(caption.split()) or "..."
-
-
-class JsonlWriter:
-    def __init__(self, path: Path | None):
-        self.handle = open(path, "a", encoding="utf-8") if path else None
-
-    def add(self, record: CaptionRecord) -> None:
-        line = json.dumps(record.to_record(), ensure_ascii=False)
-        if self.handle:
-            self.handle.write(line + "\n")
-            self.handle.flush()
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
