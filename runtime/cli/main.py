@@ -326,7 +326,7 @@ def _serve_settings(args: argparse.Namespace):
                     max_image_pixels=_pixels(args.max_image_mp),
                     max_request_pixels=_pixels(args.max_request_mp),
                     decode_pixels=_pixels(args.decode_mp),
-                    max_images=args.max_images)
+                    max_images=args.max_images, exact_preprocessing=args.exact_preprocessing)
 
 
 def _ip_list(text: str | None) -> tuple[str, ...]:
