@@ -132,8 +132,9 @@ def signature(frame: Frame) -> np.ndarray:
 
 def frame_size(captioner) -> tuple[int, int] | None:
     """The size a source may decode frames down towards: what the model and the scene gate
-    need (None: full frames, as with ``exact_preprocessing``)."""
-    size = captioner.decode_size
+    need (None: full frames, as with ``exact_preprocessing`` or a captioner-like object that
+    does not say)."""
+    size = getattr(captioner, "decode_size", None)
     return None if size is None else (max(size[0], SIGNATURE_SIDE), max(size[1], SIGNATURE_SIDE))
 
 
