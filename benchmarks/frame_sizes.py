@@ -111,7 +111,8 @@ def cider(count: int, chunk: int = 40) -> dict:
     for (variant, mode), hypotheses in captions.items():
         scores = score_captions(hypotheses, references, meteor=False)
         rows[f"{variant} {mode}"] = {"CIDEr": round(scores["CIDEr"], 4),
-                                     "BLEU-4": round(scores["BLEU-4"], 4), "images": len(hypotheses)}
+                                     "BLEU-4": round(scores["BLEU-4"], 4),
+                                     "images": len(hypotheses)}
     for variant in ("native", "4k"):
         exact, reduced = captions[(variant, "exact")], captions[(variant, "reduced")]
         rows[f"{variant} identical captions"] = sum(exact[n] == reduced[n] for n in exact)

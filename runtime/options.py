@@ -43,7 +43,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     default: Any = None  # None: the model's manifest decides (generation) or the command does
     metavar: str | None = None  # what the CLI help calls the value (default: argparse's)
-    per_request: bool = False  # a runtime option each HTTP request may set (generation ones all are)
+    per_request: bool = False  # a runtime option one HTTP request may set too
 
     @property
     def cli_flags(self) -> tuple[str, ...]:
