@@ -51,6 +51,10 @@ class Captioner:
         engine_cache: folder for TensorRT's engines; default: one per model in the user's cache.
         io_binding: "auto" (default: keep the decoder's cache on the GPU between steps), "on"
             (also on the CPU) or "off".
+        exact_preprocessing: decode every image at full size before the resize. By default a
+            JPEG (or a ``watch`` frame) at least twice the model's input on both sides is
+            decoded at a reduced scale that still covers the input (``decode_size``), which
+            is much faster and changes pixels slightly; smaller images are exact either way.
     Raises:
         ModelError: missing, corrupt or inconsistent model files (before any image is seen).
         OptionsError: a precision the device cannot honour, or an unknown io_binding.
@@ -58,11 +62,13 @@ class Captioner:
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu",
                  cpu_threads: int | None = None, precision: str = "fp32",
-                 engine_cache: str | Path | None = None, io_binding: str = "auto"):
+                 engine_cache: str | Path | None = None, io_binding: str = "auto",
+                 exact_preprocessing: bool = False):
         self.model_dir = Path(model) if model is not None else default_model_dir()
         if not self.model_dir.is_dir():
             raise ModelError(f"{self.model_dir}: model directory not found")
         self.manifest = Manifest.read(self.model_dir)
+        self.exact_preprocessing = bool(exact_preprocessing)
         m = self.manifest
         self.tokenizer = CaptionTokenizer(
             self.model_dir / m.tokenizer_file, m.vocab_size,
@@ -77,6 +83,15 @@ class Captioner:
         self.runner = make_runner(encoder, decoder, m, io_binding)
         self.grounding = Grounding.from_manifest(m.grounding, self.model_dir,
                                                  self.tokenizer.to_decoder_ids)
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """(width, height) images may be decoded down towards before the resize (never below);
+        None: full size (``exact_preprocessing``, or a model that takes images unresized)."""
+        config = self.manifest.preprocessing
+        if self.exact_preprocessing or not config.do_resize:
+            return None
+        return config.width, config.height
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The manifest's generation defaults with the given (non-None) overrides.
@@ -148,7 +163,7 @@ class Captioner:
         for item in items:
             source, image = item if isinstance(item, tuple) else (describe(item), item)
             try:
-                loaded.append((source, load_image(image)))
+                loaded.append((source, load_image(image, reduce_to=self.decode_size)))
                 slots.append(None)
             except EdgecapError as exc:
                 slots.append(CaptionFailure(source, exc))

@@ -103,14 +103,15 @@ class CaptionActor:
     """One actor of the pool: loads its ``Captioner`` once, captions batch after batch."""
 
     def __init__(self, model: str | None, device: str, batch_size: int,
-                 generation: dict[str, Any]):
+                 generation: dict[str, Any], exact_preprocessing: bool = False):
         import ray
 
         from .captioner import Captioner
 
         # Threads = the CPUs Ray reserved for this actor, so actors on a node never oversubscribe.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.captioner = Captioner(model, device=device, cpu_threads=max(1, round(cpus)))
+        self.captioner = Captioner(model, device=device, cpu_threads=max(1, round(cpus)),
+                                   exact_preprocessing=exact_preprocessing)
         self.captioner.options(**generation)  # a combination this model rejects fails here
         self.batch_size, self.generation = batch_size, generation
 
@@ -126,8 +127,8 @@ class CaptionActor:
 def caption_dataset(inputs: str | Path | Iterable[str | Path] | ray.data.Dataset,
                     model: str | Path | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
                     actors: int | tuple[int, int | None] = (1, None), cpus_per_actor: int = 1,
-                    device: str = "cpu", skip: Iterable[str] = (), **generation: Any
-                    ) -> ray.data.Dataset:
+                    device: str = "cpu", skip: Iterable[str] = (),
+                    exact_preprocessing: bool = False, **generation: Any) -> ray.data.Dataset:
     """Caption many images on the Ray cluster this process is connected to (lazily).
 
     Args:
@@ -142,6 +143,7 @@ def caption_dataset(inputs: str | Path | Iterable[str | Path] | ray.data.Dataset
         cpus_per_actor: CPUs Ray reserves for each actor; it runs that many threads.
         device: as for ``Captioner``.
         skip: sources to leave out (inputs already captioned by an earlier run).
+        exact_preprocessing: as for ``Captioner``.
         **generation: as for ``Captioner.caption``.
     Returns:
         A lazy ``ray.data.Dataset`` of caption records, one row per input (columns
@@ -159,7 +161,7 @@ def caption_dataset(inputs: str | Path | Iterable[str | Path] | ray.data.Dataset
     # (max_restarts=-1, max_task_retries=-1 are its defaults; docs/distributed.md).
     return dataset.map_batches(
         CaptionActor, batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus_per_actor,
-        fn_constructor_args=(model, device, batch_size, generation),
+        fn_constructor_args=(model, device, batch_size, generation, exact_preprocessing),
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
     )
 
@@ -364,7 +366,8 @@ def _caption_on_ray(sources: list[str], args: argparse.Namespace, generation: di
         DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
         dataset = caption_dataset(paths_dataset(sources), args.model, batch_size=args.batch_size,
                                   actors=args.actors or (1, None), device=args.device,
-                                  cpus_per_actor=args.threads or 1, **generation)
+                                  cpus_per_actor=args.threads or 1,
+                                  exact_preprocessing=args.exact_preprocessing, **generation)
         if args.format == "parquet":
             return write_parquet(dataset, args.out)
         return write_lines(dataset, args, many=many)

@@ -1,8 +1,9 @@
 """Every captioning option, declared once: name, type, bounds and help.
 
 The CLI flags of every command that captions, the HTTP query/form fields and the OpenAPI
-schema are all generated from ``GENERATION`` and ``RUNTIME`` below, so adding an option is a
-change in this file (plus the field on ``GenerationOptions`` when it is a generation option).
+schema are all generated from ``GENERATION`` and ``RUNTIME`` below (a runtime option is an HTTP
+field too when it is ``per_request``), so adding an option is a change in this file (plus the
+field on ``GenerationOptions`` when it is a generation option).
 Names follow transformers' ``GenerationConfig``; see docs/options.md.
 """
 
@@ -42,6 +43,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     default: Any = None  # None: the model's manifest decides (generation) or the command does
     metavar: str | None = None  # what the CLI help calls the value (default: argparse's)
+    per_request: bool = False  # a runtime option one HTTP request may set too
 
     @property
     def cli_flags(self) -> tuple[str, ...]:
@@ -173,12 +175,22 @@ RUNTIME: tuple[Option, ...] = (
     Option("io_binding", str, "keep the decoder's cache on the device between steps: auto (on "
            "cuda and tensorrt), on (also on the CPU) or off", {"type": "string",
            "enum": list(IO_BINDING)}, choices=IO_BINDING, default="auto"),
+    # Not a transformers option: preprocess.py decodes large JPEGs and video frames at a reduced
+    # scale by default; this restores the exact pixels (and transformers' parity) everywhere.
+    Option("exact_preprocessing", parse_switch, "decode every image and frame at full size "
+           "before the resize (slower on large images; by default those at least twice the "
+           "model's input are decoded at a reduced scale that still covers it)",
+           {"type": "boolean"}, default=False, per_request=True),
 )
 # Captioner keyword arguments by runtime option (batch_size belongs to caption(), not here).
 CAPTIONER_ARGUMENTS = {"device": "device", "threads": "cpu_threads", "precision": "precision",
-                       "engine_cache": "engine_cache", "io_binding": "io_binding"}
+                       "engine_cache": "engine_cache", "io_binding": "io_binding",
+                       "exact_preprocessing": "exact_preprocessing"}
 
 GENERATION_NAMES = tuple(option.name for option in GENERATION)
+# What one HTTP request may set: every generation option and the per-request runtime ones.
+REQUEST_RUNTIME = tuple(option for option in RUNTIME if option.per_request)
+REQUEST_OPTIONS = GENERATION + REQUEST_RUNTIME
 
 
 def argparse_type(option: Option) -> Callable[[str], Any]:
@@ -217,6 +229,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | 
             continue
         default = batch_size if option.name == "batch_size" else option.default
         extra = f" (default {default})" if default is not None else ""
+        if option.schema["type"] == "boolean":  # a switch: --exact-preprocessing / --no-...
+            group.add_argument(*option.cli_flags, dest=option.name, default=default,
+                               action=argparse.BooleanOptionalAction, help=option.help)
+            continue
         group.add_argument(*option.cli_flags, dest=option.name, type=argparse_type(option),
                            default=default, choices=option.choices, help=option.help + extra,
                            metavar=option.metavar)
@@ -240,8 +256,18 @@ def generation_from_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         OptionsError: a value that does not parse or is out of bounds (names the field).
     """
+    return options_from_fields(fields, GENERATION)
+
+
+def options_from_fields(fields: Mapping[str, Any], options: Iterable[Option]) -> dict[str, Any]:
+    """The given ``options`` (e.g. ``REQUEST_RUNTIME``) from HTTP query/form fields, by name or
+    CLI alias; fields left empty are absent.
+
+    Raises:
+        OptionsError: a value that does not parse or is out of bounds (names the field).
+    """
     values: dict[str, Any] = {}
-    for option in GENERATION:
+    for option in options:
         for key in (option.name, *option.aliases):
             raw = fields.get(key)
             if raw not in (None, ""):
@@ -260,12 +286,12 @@ def check_generation(values: Mapping[str, Any]) -> dict[str, Any]:
     return {name: by_name[name].check(value) for name, value in values.items() if value is not None}
 
 
-def openapi_parameters(options: Iterable[Option] = GENERATION) -> list[dict[str, Any]]:
+def openapi_parameters(options: Iterable[Option] = REQUEST_OPTIONS) -> list[dict[str, Any]]:
     """OpenAPI query parameters for ``options``."""
     return [{"name": o.name, "in": "query", "required": False, "description": o.help,
              "schema": dict(o.schema)} for o in options]
 
 
-def openapi_form_properties(options: Iterable[Option] = GENERATION) -> dict[str, Any]:
+def openapi_form_properties(options: Iterable[Option] = REQUEST_OPTIONS) -> dict[str, Any]:
     """The same options as multipart form fields."""
     return {o.name: {**o.schema, "description": o.help} for o in options}

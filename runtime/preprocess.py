@@ -2,6 +2,13 @@
 
 Equivalent to Hugging Face's ``ViTImageProcessor`` for the same parameters: PIL resize of the
 8-bit RGB image, then rescale and per-channel normalize in float, channels first.
+
+Decoding at the size the model needs: given ``reduce_to`` (the model's input size), an image at
+least twice that size on both sides (and at least ``2 * MIN_DECODED_SIDE``) may be decoded at a
+reduced scale that still covers it (JPEG: libjpeg's DCT scaling, 1/2, 1/4 or 1/8), and then
+takes the same resize as always. A full-size decode of a 4K photo costs many times the model for
+pixels the resize throws away. Smaller images, and every image with ``reduce_to=None``, keep
+exact pixels (docs/options.md).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import ImageError
 from .manifest import Preprocessing
@@ -37,6 +44,14 @@ ALPHA_BACKGROUND = (255, 255, 255)
 WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 BAND_PIXELS = 1 << 20
+# The scales libjpeg can decode at (Pillow's draft mode): 1/8, 1/4, 1/2 of each side.
+JPEG_SCALES = (8, 4, 2)
+# A reduced decode keeps at least this many pixels a side, whatever the model's input: a full
+# decode of an image smaller than twice this is a small fraction of the model's time, too little
+# to trade exact pixels (and parity with transformers' processors) for, even for tiny models.
+MIN_DECODED_SIDE = 256
+# EXIF orientations that swap width and height (transposes and quarter turns).
+SWAPPED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 def describe(source: ImageInput) -> str:
@@ -52,9 +67,16 @@ def describe(source: ImageInput) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_image(source: ImageInput, max_pixels: int = 50_000_000) -> Image.Image:
+def load_image(source: ImageInput, max_pixels: int = 50_000_000,
+               reduce_to: tuple[int, int] | None = None) -> Image.Image:
     """Open any supported input as an RGB PIL image, EXIF orientation applied.
 
+    Args:
+        source: a path, encoded bytes, a PIL image or an HxWxC array.
+        max_pixels: the largest image accepted (width x height as stored in the file).
+        reduce_to: (width, height) an encoded JPEG may be decoded down towards, never below,
+            when it is at least twice that size (``reduction``); None: always full size.
+            Images given already decoded (PIL, arrays) are returned at their own size.
     Raises:
         ImageError: the input cannot be read or decoded; the message says which and why.
     """
@@ -79,11 +101,39 @@ def load_image(source: ImageInput, max_pixels: int = 50_000_000) -> Image.Image:
         data = source
     else:
         raise ImageError(name, "unsupported input type (give a path, bytes, PIL image or array)")
-    return decode_image(data, name, max_pixels)
+    return decode_image(data, name, max_pixels, reduce_to)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = 50_000_000) -> Image.Image:
-    """Decode encoded image bytes fully (truncation is an error) into RGB."""
+def reduction(size: tuple[int, int], reduce_to: tuple[int, int] | None) -> int:
+    """The whole factor an image of ``size`` may shrink by and still cover ``reduce_to`` (and
+    ``MIN_DECODED_SIDE``) on both sides: 1, exact pixels, without ``reduce_to`` or below twice
+    that size."""
+    if reduce_to is None:
+        return 1
+    width, height = (max(side, MIN_DECODED_SIDE) for side in reduce_to)
+    return max(1, min(size[0] // width, size[1] // height))
+
+
+def draft_jpeg(image: Image.Image, reduce_to: tuple[int, int] | None) -> int:
+    """Put an opened, not yet loaded JPEG in draft mode at the largest DCT scale ``reduction``
+    allows; returns that scale (1: decoded at full size, exactly as without it)."""
+    if reduce_to is None or not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return 1
+    if image.getexif().get(0x0112) in SWAPPED_ORIENTATIONS:  # reduce_to is after the rotation
+        reduce_to = (reduce_to[1], reduce_to[0])
+    factor = reduction(image.size, reduce_to)
+    scale = next((s for s in JPEG_SCALES if s <= factor), 1)
+    if scale == 1:
+        return 1
+    # Pillow derives its scale from the size asked for: this size gives exactly ``scale``.
+    width, height = image.size
+    return scale if image.draft(None, (width // scale, height // scale)) is not None else 1
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = 50_000_000,
+                 reduce_to: tuple[int, int] | None = None) -> Image.Image:
+    """Decode encoded image bytes (truncation is an error) into RGB; a JPEG at least twice
+    ``reduce_to`` is decoded at a reduced scale (``draft_jpeg``), anything else at full size."""
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
     try:
@@ -104,6 +154,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = 50_000_000) -> Image.
         raise ImageError(name, f"image has no pixels ({width}x{height})")
     try:
         image.seek(0)  # first frame of animations
+        draft_jpeg(image, reduce_to)  # after seek: a multi-picture JPEG resets it there
         image.load()  # decode now: truncated or corrupt data fails here, not later
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001

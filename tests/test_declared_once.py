@@ -16,7 +16,7 @@ from edgecap import Captioner
 from edgecap.caption_io import JsonlWriter, completed_sources
 from edgecap.cli.main import _serve_settings, build_parser, main
 from edgecap.errors import OptionsError
-from edgecap.options import DEFAULT_BATCH_SIZE, GENERATION
+from edgecap.options import CAPTIONER_ARGUMENTS, DEFAULT_BATCH_SIZE, GENERATION
 from edgecap.results import RECORD_KEYS, CaptionFailure, CaptionResult, record_keys
 from edgecap.watch.config import CAMERA_KEYS, ConfigError, load_config
 from edgecap.watch.options import WATCH, WatchOptions
@@ -109,7 +109,7 @@ def test_watch_options_built_in_python_are_bounded_too():
 
 
 # Settings fields the command fills from elsewhere than their own flag.
-COMPUTED = {"cpu_threads", "device", "precision", "engine_cache", "io_binding",  # RUNTIME
+COMPUTED = {*CAPTIONER_ARGUMENTS.values(),  # RUNTIME, as Captioner's keywords
             "generation",  # GENERATION
             "api_keys", "allowed_hosts"}  # the bind policy
 # serve flags that are no Settings field: where to bind, and what decides the bind policy.

@@ -13,7 +13,7 @@ import pytest
 
 from edgecap import Captioner, CaptionResult, OptionsError
 from edgecap.cli.main import build_parser, main
-from edgecap.options import GENERATION, GENERATION_NAMES
+from edgecap.options import GENERATION, GENERATION_NAMES, REQUEST_OPTIONS
 
 RECORD_KEYS = {"source", "status", "generated_text", "score", "token_ids", "tags", "latency_ms"}
 
@@ -35,7 +35,7 @@ def test_every_captioning_command_has_every_generation_option(command):
     dests = option_dests(subcommand(command))
     assert set(GENERATION_NAMES) <= dests
     if command != "quality-report":  # compares two exports on the CPU it runs on
-        assert {"device", "threads"} <= dests
+        assert {"device", "threads", "exact_preprocessing"} <= dests
 
 
 def test_the_openapi_document_lists_the_same_options():
@@ -43,9 +43,13 @@ def test_the_openapi_document_lists_the_same_options():
     from edgecap.serve.app import openapi_document
 
     post = openapi_document()["paths"]["/v1/captions"]["post"]
-    assert {p["name"] for p in post["parameters"]} == set(GENERATION_NAMES)
+    names = {option.name for option in REQUEST_OPTIONS}
+    assert names == set(GENERATION_NAMES) | {"exact_preprocessing"}
+    assert {p["name"] for p in post["parameters"]} == names
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert set(GENERATION_NAMES) <= set(form)
+    assert names <= set(form)
+    exact = next(p for p in post["parameters"] if p["name"] == "exact_preprocessing")
+    assert exact["schema"]["type"] == "boolean" and exact["description"]
     beams = next(p for p in post["parameters"] if p["name"] == "num_beams")
     assert beams["schema"]["minimum"] == 1 and beams["description"]
 

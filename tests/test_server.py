@@ -118,6 +118,33 @@ def test_captions_equal_api(server, tiny_export, flickr_images):
     assert [r["token_ids"] for r in body["results"]] == [r.token_ids for r in api]
 
 
+def test_exact_preprocessing_is_a_request_field(server, tiny_export, flickr_images):
+    """A 1080p JPEG is decoded at a reduced scale unless the request asks for exact pixels;
+    either way the record equals the Python API's with the same setting (the score tells the
+    two decodes apart where the tiny model's tokens do not)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(flickr_images[0]).convert("RGB").resize((1920, 1080)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    expected = {exact: Captioner(tiny_export, exact_preprocessing=exact).caption(data).to_record()
+                for exact in (False, True)}
+    assert expected[False]["score"] != expected[True]["score"]
+    for query, exact in (("", False), ("?exact_preprocessing=true", True),
+                         ("?exact_preprocessing=false", False)):
+        status, body, _ = request(server.url + "/v1/captions" + query, data)
+        assert status == 200, body
+        assert (body["token_ids"], body["score"]) == \
+            (expected[exact]["token_ids"], expected[exact]["score"]), query
+    form, headers = multipart([("big.jpg", data)], {"exact_preprocessing": "true"})
+    status, body, _ = request(server.url + "/v1/captions", form, headers)
+    assert status == 200 and body["score"] == expected[True]["score"]  # one image: one record
+    status, body, _ = request(server.url + "/v1/captions?exact_preprocessing=maybe", data)
+    assert status == 400 and "exact_preprocessing" in body["detail"]
+
+
 def test_bad_inputs_get_4xx_with_reasons(server, flickr_images, tmp_path):
     expect = build_corpus(tmp_path, flickr_images[0])
     checked = 0

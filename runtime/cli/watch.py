@@ -99,20 +99,21 @@ def run_cameras(args: argparse.Namespace) -> int:
 
 
 def _camera_feed(camera, args: argparse.Namespace, captioner, stop, ready):
-    from ..watch.stream import CameraFeed
+    from ..watch.stream import CameraFeed, frame_size
 
     merged = camera.args(args)  # the command line with this camera's source, name and options
     generation = captioner.options(**generation_from_args(merged))
-    return CameraFeed(_open_source(merged), WatchOptions.from_values(vars(merged), merged.camera),
-                      generation, stop, ready)
+    return CameraFeed(_open_source(merged, frame_size(captioner)),
+                      WatchOptions.from_values(vars(merged), merged.camera), generation, stop, ready)
 
 
-def _open_source(args: argparse.Namespace):
+def _open_source(args: argparse.Namespace, reduce_to: tuple[int, int] | None = None):
+    """The watched source; ``watch`` sets ``reduce_to`` itself, the cameras path passes it."""
     from ..watch.sources import open_source
 
     if Path(args.source).is_dir():
-        return open_source(args.source)
-    return open_source(args.source, timeout_s=args.timeout_s)
+        return open_source(args.source, reduce_to=reduce_to)
+    return open_source(args.source, reduce_to=reduce_to, timeout_s=args.timeout_s)
 
 
 def _default_camera(source: str) -> str:

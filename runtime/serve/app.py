@@ -39,7 +39,7 @@ from ..captioner import Captioner
 from ..decode_guard import BudgetExceeded, DecodeGate, check_request_pixels, decode_for_model
 from ..errors import ImageError, OptionsError
 from .openapi import openapi_document
-from ..options import generation_from_fields
+from ..options import REQUEST_RUNTIME, generation_from_fields, options_from_fields
 from .fairness import CostShares, request_cost
 from .bodies import Rejected, read_body
 from .security import Guard, Policy, SecurityConfigError, page_csp
@@ -114,7 +114,8 @@ class CaptionService:
         try:
             params, uploads = await self._read_request(request)
             options = self.generation_options(params)
-            results = await self.caption_uploads(uploads, options, request)
+            results = await self.caption_uploads(uploads, options, request,
+                                                 self.exact_preprocessing(params))
         except Rejected as rejected:
             return rejected.response
         self.count_success(started)
@@ -142,11 +143,24 @@ class CaptionService:
             raise self.reject(400, "bad_options", str(exc)) from None
         return options
 
+    def exact_preprocessing(self, fields: dict[str, Any]) -> bool:
+        """The request's ``exact_preprocessing`` field, else the service's setting.
+
+        Raises:
+            Rejected: 400 for a value that does not parse.
+        """
+        try:
+            values = options_from_fields(fields, REQUEST_RUNTIME)
+        except OptionsError as exc:
+            raise self.reject(400, "bad_options", str(exc)) from None
+        return values.get("exact_preprocessing", self.settings.exact_preprocessing)
+
     async def caption_uploads(self, uploads: list[tuple[str, bytes]], options,
-                              request: Request) -> list:
+                              request: Request, exact: bool | None = None) -> list:
         """Decode and caption ``[(name, image bytes)]`` through the micro-batcher, in order.
 
         Every route that captions goes through here, so each gets the same limits and errors.
+        ``exact``: full-size decodes (None: the service's ``exact_preprocessing``).
 
         Raises:
             Rejected: no image or too many (400), an undecodable image (422), a full queue
@@ -158,7 +172,8 @@ class CaptionService:
             raise self.reject(400, "bad_request",
                               f"at most {self.settings.max_images} images per request")
         async with self._share(request, request_cost(len(uploads), options)):
-            images = await self._decode(uploads)
+            exact = self.settings.exact_preprocessing if exact is None else exact
+            images = await self._decode(uploads, exact)
             return await self._caption(images, options, [name for name, _ in uploads])
 
     def count_success(self, started: float) -> None:
@@ -208,11 +223,13 @@ class CaptionService:
         finally:
             self.shares.release(client, cost)
 
-    async def _decode(self, uploads: list[tuple[str, bytes]]) -> list:
-        """Decode one image at a time within the request's and the server's pixel budgets."""
+    async def _decode(self, uploads: list[tuple[str, bytes]], exact: bool) -> list:
+        """Decode one image at a time within the request's and the server's pixel budgets
+        (counted at the scale each is decoded at: full size when ``exact``)."""
         settings, images = self.settings, []
+        reduce_to = None if exact else self.captioner.decode_size  # its own setting is off
         try:
-            pixels = check_request_pixels(uploads, settings.max_request_pixels)
+            pixels = check_request_pixels(uploads, settings.max_request_pixels, reduce_to)
         except BudgetExceeded as exc:
             raise self.reject(413, "too_many_pixels", str(exc)) from None
         preprocessing = self.captioner.manifest.preprocessing
@@ -220,7 +237,8 @@ class CaptionService:
             try:
                 async with self.decode_gate.admit(count, settings.timeout_s):
                     images.append(await run_in_threadpool(
-                        decode_for_model, data, name, settings.max_image_pixels, preprocessing))
+                        decode_for_model, data, name, settings.max_image_pixels, preprocessing,
+                        reduce_to))
             except asyncio.TimeoutError:
                 raise self.reject(503, "decode_busy", "too many pixels being decoded; retry",
                                   {"Retry-After": "1"}) from None

@@ -79,6 +79,8 @@ class Settings:
     precision: str = "fp32"  # the GPU settings, as for Captioner
     engine_cache: str | Path | None = None
     io_binding: str = "auto"
+    # Full-size decodes for every request that does not ask otherwise (options.RUNTIME).
+    exact_preprocessing: bool = False
     generation: dict[str, Any] = field(default_factory=dict)
     # A caption archive to search (GET /v1/events).
     archive: str | Path | None = _flag(

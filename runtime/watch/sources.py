@@ -5,6 +5,12 @@ after a read timeout or a lost connection; frames that fail to decode or come ou
 corrupt are skipped and counted; packets the demuxer flags as damaged are counted and still
 decoded (the decoder conceals the damage). A live source's frame times stay on one timeline
 across reconnects (see ``LiveClock``).
+
+With ``reduce_to`` (``watch`` sets it from the captioner: the model's input, at least the scene
+gate's), a frame at least twice that size on both sides is scaled down by a whole factor in the
+decoder's own pixel-format conversion, so full-size RGB frames are never made; folder images
+take the JPEG rule of ``load_image``. Smaller frames, and all with ``reduce_to=None``, are
+exact.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Iterator
 from PIL import Image
 
 from ..errors import EdgecapError, ImageError
-from ..preprocess import IMAGE_SUFFIXES, load_image
+from ..preprocess import IMAGE_SUFFIXES, load_image, reduction
 
 log = logging.getLogger("edgecap.watch")
 
@@ -109,7 +115,8 @@ class VideoSource:
     """
 
     def __init__(self, source: str, *, timeout_s: float = 5.0, min_backoff_s: float = 0.5,
-                 max_backoff_s: float = 30.0, max_reconnects: int | None = None):
+                 max_backoff_s: float = 30.0, max_reconnects: int | None = None,
+                 reduce_to: tuple[int, int] | None = None):
         try:
             import av  # noqa: F401
         except ImportError:
@@ -123,6 +130,7 @@ class VideoSource:
         self.failed_in_row = 0
         self.stats = SourceStats()
         self.stopped = False
+        self.reduce_to = reduce_to  # (width, height) frames may be scaled down towards
         if not self.live and not Path(source).is_file():
             raise SourceError(f"{source}: no such video file")
 
@@ -179,7 +187,7 @@ class VideoSource:
                         if self.live:
                             seconds = clock.place(seconds, time.monotonic())
                         try:
-                            image = frame.to_image()
+                            image = frame_image(frame, self.reduce_to)
                         except (av.FFmpegError, ValueError):
                             self.stats.corrupt += 1
                             continue
@@ -242,7 +250,8 @@ class VideoSource:
 class FolderSource:
     """Caption each image file that appears in a folder, once, in arrival (mtime, name) order."""
 
-    def __init__(self, folder: str, *, poll_s: float = 0.25, existing: bool = True):
+    def __init__(self, folder: str, *, poll_s: float = 0.25, existing: bool = True,
+                 reduce_to: tuple[int, int] | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise SourceError(f"{folder}: not a folder")
@@ -251,6 +260,7 @@ class FolderSource:
         self.stopped = False
         self.seen: set[str] = set() if existing else {p.name for p in self.folder.iterdir()}
         self.live = True
+        self.reduce_to = reduce_to  # as for load_image
 
     def frames(self) -> Iterator[Frame]:
         index, started = 0, time.monotonic()
@@ -264,7 +274,7 @@ class FolderSource:
                     continue
                 self.seen.add(path.name)
                 try:
-                    image = load_image(path)
+                    image = load_image(path, reduce_to=self.reduce_to)
                 except ImageError as exc:
                     self.stats.corrupt += 1
                     log.warning("%s", exc)
@@ -291,7 +301,21 @@ class FolderSource:
         self.stopped = True
 
 
-def open_source(source: str, **options) -> VideoSource | FolderSource:
+def frame_image(frame, reduce_to: tuple[int, int] | None) -> Image.Image:
+    """A decoded video frame as an RGB PIL image: exact, or scaled down by ``reduction``'s
+    factor in the same swscale pass that converts it to RGB (area averaging: each output pixel
+    is the mean of its block, as a downscale should be)."""
+    factor = reduction((frame.width, frame.height), reduce_to)
+    if factor == 1:
+        return frame.to_image()
+    return frame.to_image(width=frame.width // factor, height=frame.height // factor,
+                          interpolation="AREA")
+
+
+def open_source(source: str, *, reduce_to: tuple[int, int] | None = None,
+                **options) -> VideoSource | FolderSource:
+    """A folder or a video source; ``reduce_to``: the size frames may be decoded down towards
+    (None: full size); ``options``: VideoSource's."""
     if Path(source).is_dir():
-        return FolderSource(source)
-    return VideoSource(source, **options)
+        return FolderSource(source, reduce_to=reduce_to)
+    return VideoSource(source, reduce_to=reduce_to, **options)

@@ -111,9 +111,20 @@ class LatestFrame:
         return self.closed and self.frame is None
 
 
+SIGNATURE_SIDE = 32  # the scene gate compares frames at this size
+
+
 def signature(frame: Frame) -> np.ndarray:
-    small = frame.image.convert("L").resize((32, 32))
+    small = frame.image.convert("L").resize((SIGNATURE_SIDE, SIGNATURE_SIDE))
     return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def frame_size(captioner) -> tuple[int, int] | None:
+    """The size a source may decode frames down towards: what the model and the scene gate
+    need (None: full frames, as with ``exact_preprocessing`` or a captioner-like object that
+    does not say)."""
+    size = getattr(captioner, "decode_size", None)
+    return None if size is None else (max(size[0], SIGNATURE_SIDE), max(size[1], SIGNATURE_SIDE))
 
 
 def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions = WatchOptions(),
@@ -121,10 +132,14 @@ def watch(source: VideoSource | FolderSource, captioner, options: WatchOptions =
     """Caption ``source`` lazily: a generator of ``CaptionRecord`` that ends with the source or
     when ``stop`` is set. Generation options (``num_beams``, ...) pass to the captioner.
 
+    Frames are decoded at the size the captioner needs (``frame_size``; the source's own
+    ``reduce_to`` is replaced by it).
+
     Raises:
         OptionsError: bad generation options, at the call, before any thread starts or the
             source is read (``WatchOptions`` checks its own bounds when it is built).
     """
+    source.reduce_to = frame_size(captioner)
     feed = CameraFeed(source, options, captioner.options(**generation), stop or threading.Event())
     return _watch_one(feed, captioner)
 
