@@ -1,7 +1,7 @@
 """The caption command's inputs and lines, shared by its local and Ray paths: which files a
 list of paths, folders and globs names, which of them an earlier run already wrote to ``--out``,
 and the one writer of JSON lines (which ``watch`` uses too). The Ray library
-(``distributed.py``) uses them without importing the command."""
+(``cli/caption_ray.py``) uses them without importing the command."""
 
 from __future__ import annotations
 

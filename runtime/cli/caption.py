@@ -32,7 +32,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
                         help="append JSONL results here; a re-run skips inputs already in it")
     add_generation_arguments(parser)
     add_runtime_arguments(parser, batch_size=DEFAULT_BATCH_SIZE)
-    from ..distributed import add_ray_arguments  # argparse only: ray is imported with --ray
+    from .caption_ray import add_ray_arguments  # argparse only: ray is imported with --ray
 
     add_ray_arguments(parser)
 
@@ -41,7 +41,7 @@ def run_caption(args: argparse.Namespace) -> int:
     from ..captioner import Captioner
 
     if args.ray is not None or args.format != "jsonl" or args.actors is not None:
-        from ..distributed import run_ray_caption
+        from .caption_ray import run_ray_caption
 
         return run_ray_caption(args)
     sources = expand_inputs(args.inputs)
