@@ -53,9 +53,12 @@ def test_int8_block_rows_do_not_influence_each_other(tiny_export, tmp_path, flic
 
     out = tmp_path / "int8-block"
     quantize_export(tiny_export, out, mode="int8-block", block_size=16)
-    for graph in ("encoder.onnx", "decoder.onnx"):
-        ops = {n.op_type for n in onnx.load(str(out / graph)).graph.node}
-        assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops, graph
+    encoder, decoder = ({n.op_type for n in onnx.load(str(out / graph)).graph.node}
+                        for graph in ("encoder.onnx", "decoder.onnx"))
+    # The encoder is int8-dynamic's, scaled per row; the decoder's matmuls are 8-bit blocks.
+    assert "MatMulIntegerToFloat" in encoder and "MatMulNBits" not in encoder
+    assert "MatMulNBits" in decoder and not decoder & {"MatMulIntegerToFloat", "MatMulInteger"}
+    assert not (encoder | decoder) & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
     captioner = Captioner(out)
     runner, m = captioner.runner, captioner.manifest
     pixels = preprocess_batch([load_image(p) for p in flickr_test_images], m.preprocessing)
@@ -130,6 +133,17 @@ def test_int4_gathers_tokens_from_the_heads_packed_matrix(tiny_export, tmp_path)
     step = np.abs(np.repeat(scales[ids[:, 0]], 16, axis=1))  # the quantizer may pick negative scales
     error = np.abs(gathered - table[:, ids[:, 0]].T)
     assert np.all(error <= step + 1e-6), float(np.max(error / step))
+
+
+def test_block_size_defaults_to_the_largest_that_divides_the_width(tiny_export, tmp_path):
+    """Width 32: int8-block and int4 both take 32-wide blocks; at GPT-2's 768, int8-block takes
+    256 (fewer scales, the faster 8-bit kernel) and int4 ORT's default 128."""
+    from edgecap.export.quantize.variants import default_block_size
+
+    assert (default_block_size("int8-block", 768), default_block_size("int4", 768)) == (256, 128)
+    assert default_block_size("int8-block", 384) == 128
+    manifest = quantize_export(tiny_export, tmp_path / "q", mode="int8-block")
+    assert manifest.quantization["block_size"] == 32
 
 
 def test_int4_block_must_divide_the_width(tiny_export, tmp_path):
