@@ -11,8 +11,8 @@ int4 and fp16.
   scale per ``block_size`` inputs), the encoder as in int8-dynamic. The 8-bit kernel quantizes
   activations per row and block inside itself, so the decoder needs no calibration to be
   batch-invariant (at the default block sizes, see ``BIT_EXACT_8BIT_BLOCK``). It is slower than
-  int8-dynamic's calibrated integer matmul with many rows per step and no faster at one row
-  (docs/quantization.md). The encoder is int8-dynamic's: its many rows per image are exactly
+  int8-dynamic's calibrated integer matmul with many rows per step and only a little faster at
+  one row (docs/quantization.md). The encoder is int8-dynamic's: its many rows per image are exactly
   where that kernel wins.
 * int8-static: weights and activations int8 (QDQ), scales calibrated on a folder of images
   (encoder) and on the decoder steps those images produce; deterministic for a fixed set.
