@@ -43,8 +43,12 @@ def benchmark_images(count: int) -> list[str]:
     return [str(p) for p in sorted(PHOTOS.glob("*.jpg"))[:count]]
 log = logging.getLogger("edgecap.bench")
 # Each system, and the edgecap export mode it runs (None: it loads the Hugging Face model).
+# edgecap-int8 is the batch-invariant int8-dynamic format, edgecap-int8-block its 8-bit block
+# decoder variant (docs/quantization.md).
 SYSTEM_MODES = {"pytorch": None, "optimum-fp32": None, "optimum-int8": None, "edgecap-fp32": "none",
-                "edgecap-int8": "int8-dynamic", "edgecap-int4": "int4"}
+                "edgecap-int8": "int8-dynamic", "edgecap-int8-block": "int8-block",
+                "edgecap-int4": "int4"}
+DEFAULT_SYSTEMS = ",".join(SYSTEM_MODES)
 
 
 def machine_name() -> str:
@@ -258,8 +262,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/edgecap/bench",
                         help="where models and exports are built and kept (outside the repo)")
-    parser.add_argument("--systems",
-                        default="pytorch,optimum-fp32,optimum-int8,edgecap-fp32,edgecap-int8,edgecap-int4")
+    parser.add_argument("--systems", default=DEFAULT_SYSTEMS)
     parser.add_argument("--cases", default="greedy:1,beam4:1,greedy:8,beam4:8")
     parser.add_argument("--reps", type=int, default=30, help="max timed repetitions per case")
     parser.add_argument("--budget-s", type=float, default=20.0,

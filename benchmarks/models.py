@@ -55,7 +55,8 @@ def build_vit_gpt2(out_dir: Path, seed: int = 0, tiny: bool = False) -> Path:
     return out_dir
 
 
-MODES = ("none", "int8-dynamic", "int4")
+MODES = ("none", "int8-dynamic", "int8-block", "int4")
+CALIBRATED_MODES = ("int8-dynamic", "int8-block")  # the formats that take --calibration
 
 
 def ensure_exports(root: Path, modes: tuple[str, ...] = MODES, tiny: bool = False) -> dict[str, Path]:
@@ -85,9 +86,9 @@ def ensure_exports(root: Path, modes: tuple[str, ...] = MODES, tiny: bool = Fals
             continue
         target = root / f"edgecap-{mode}"
         if not (target / "manifest.json").is_file() or Manifest.read(target).quantization["mode"] != mode:
-            # int8-dynamic calibrates its decoder's activation scales (the batch-invariant
-            # format's fast path) on the photos that ship in tests/data.
-            calibration = PHOTOS if mode == "int8-dynamic" else None
+            # int8-dynamic and int8-block calibrate their activation scales (the batch-invariant
+            # formats' fast path) on the photos that ship in tests/data.
+            calibration = PHOTOS if mode in CALIBRATED_MODES else None
             quantize_export(fp32, target, mode=mode, calibration=calibration)
         paths[mode] = target
     return paths

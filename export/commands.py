@@ -149,20 +149,22 @@ def add_quantize_arguments(parser: argparse.ArgumentParser, decoder_graph: bool 
     parser.add_argument("--quantize", default="none",
                         choices=["none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16"],
                         help="weight format of the written graphs (default: none = fp32). CPU: "
-                        "int8-dynamic (4x smaller, closest to fp32), int8-block (the same int8 "
-                        "weights in blocks; a caption never depends on the rest of its batch; "
-                        "0.87-1.0x int8-dynamic's speed on the default model, 0.63-0.88x on "
-                        "ViT-base) or int4 (decoder weights in 4-bit blocks: "
-                        "fastest decoding, check quality with quality-report)")
-    parser.add_argument("--block-size", type=int, default=128,
-                        help="int4 and int8-block: weights sharing one scale (16..256, power of 2; default 128, "
-                        "ONNX Runtime's own default; 32 is finer and about 20%% slower per step)")
+                        "int8-dynamic (4x smaller, closest to fp32), int8-block (decoder weights "
+                        "in 8-bit blocks: faster one-row decoding, slower batches; see "
+                        "docs/quantization.md) or int4 (decoder weights in 4-bit blocks: "
+                        "fastest greedy decoding, check quality with quality-report)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="int4 and int8-block: weights sharing one scale (16..256, power of 2; "
+                        "default: the largest that divides the decoder width, up to 128 for "
+                        "int4, ONNX Runtime's own default, and 256 for int8-block)")
     parser.add_argument("--calibration", type=Path,
                         help="folder of representative images: int8-static needs it; int8-dynamic "
-                        "uses it to fix the decoder's activation scales (faster, still "
-                        "batch-invariant; without it each row is scaled on its own)")
+                        "and int8-block use it to fix the encoder's (and int8-dynamic's "
+                        "decoder's) activation scales (faster, still batch-invariant; without it "
+                        "each row is scaled on its own)")
     parser.add_argument("--per-row-encoder", action="store_true",
-                        help="int8-dynamic with --calibration: scale the encoder's activations "
+                        help="int8-dynamic or int8-block with --calibration: scale the encoder's "
+                        "activations "
                         "per row instead of with the calibrated scales (slower on large "
                         "encoders; see docs/quantization.md)")
     parser.add_argument("--calibration-count", type=int, default=64,
@@ -202,9 +204,10 @@ def _export_and_quantize(export, args: argparse.Namespace) -> int:
         # Check before exporting: otherwise an fp32 export would be left behind in OUT.
         print("edgecap: export failed: int8-static needs --calibration DIR (a folder of images)")
         return 1
-    if args.per_row_encoder and (args.quantize != "int8-dynamic" or args.calibration is None):
-        print("edgecap: export failed: --per-row-encoder goes with --quantize int8-dynamic "
-              "--calibration DIR")
+    if args.per_row_encoder and (args.quantize not in ("int8-dynamic", "int8-block")
+                                 or args.calibration is None):
+        print("edgecap: export failed: --per-row-encoder goes with --quantize int8-dynamic or "
+              "int8-block and --calibration DIR")
         return 1
     try:
         manifest = export()

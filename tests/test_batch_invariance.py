@@ -79,6 +79,8 @@ def tiny_formats(tiny_export, tmp_path_factory, sample_photos) -> dict[str, Path
         ("int8-uncalibrated", "int8-dynamic", None),
         ("int8-per-row-encoder", "int8-dynamic", calibration),
         ("int4", "int4", None),
+        ("int8-block", "int8-block", calibration),
+        ("int8-block-uncalibrated", "int8-block", None),
     ):
         quantize_export(
             tiny_export,
@@ -95,7 +97,7 @@ def tiny_formats(tiny_export, tmp_path_factory, sample_photos) -> dict[str, Path
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("name", ["fp32", "int8", "int8-uncalibrated", "int8-per-row-encoder",
-                                  "int4"])
+                                  "int4", "int8-block", "int8-block-uncalibrated"])
 def test_tiny_formats_caption_each_image_the_same_in_any_batch(
     tiny_formats, photos, name, num_beams
 ):
@@ -107,7 +109,7 @@ def test_tiny_formats_caption_each_image_the_same_in_any_batch(
 
 def test_int8_has_no_activation_scale_shared_across_rows(tiny_formats):
     """DynamicQuantizeLinear (one scale per tensor, i.e. per batch) is gone from both graphs."""
-    for name in ("int8", "int8-uncalibrated", "int4"):
+    for name in ("int8", "int8-uncalibrated", "int4", "int8-block", "int8-block-uncalibrated"):
         manifest = Captioner(tiny_formats[name]).manifest
         assert manifest.quantization["batch_invariant"] is True
         for graph in ("encoder.onnx", "decoder.onnx"):
@@ -120,7 +122,8 @@ def test_int8_has_no_activation_scale_shared_across_rows(tiny_formats):
     # With calibration images the encoder is calibrated too (the fastest invariant format),
     # unless per-row encoder scales are asked for; without them it is per row.
     for name, encoder in (("int8", "calibrated"), ("int8-per-row-encoder", "per-row"),
-                          ("int8-uncalibrated", "per-row")):
+                          ("int8-uncalibrated", "per-row"), ("int8-block", "calibrated"),
+                          ("int8-block-uncalibrated", "per-row")):
         activations = Captioner(tiny_formats[name]).manifest.quantization["activations"]
         assert activations["encoder"] == encoder, name
 

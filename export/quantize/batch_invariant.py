@@ -315,7 +315,8 @@ def make_batch_invariant(
     calibration_images: list[Path] | None = None,
     calibrate_encoder: bool = False,
 ) -> dict:
-    """Rewrite an int8-dynamic (or int4) export in place so no caption depends on its batch.
+    """Rewrite an int8-dynamic (or int4, int8-block) export in place so no caption depends on
+    its batch.
 
     The encoder is quantized per row (or, with ``calibrate_encoder``, with calibrated fixed
     scales); the decoder per row, or with calibrated fixed scales when ``calibration_images``
@@ -332,6 +333,7 @@ def make_batch_invariant(
             encoder, activation_ranges(export_dir, calibration_images, "encoder")
         )
         record["encoder"] = "calibrated"
+        record["calibration_images"] = [p.name for p in calibration_images]  # reproducible
         onnx.save(encoder, str(encoder_path))
     elif per_row_activations(encoder):
         onnx.save(encoder, str(encoder_path))

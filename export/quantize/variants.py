@@ -7,11 +7,13 @@ int4 and fp16.
   quantized per row; decoder activations per row, or, with ``calibration``, with fixed scales
   calibrated on those images (the fast choice). ORT's own dynamic quantization shares one
   scale per tensor, i.e. across the batch, and captions then depended on their batch.
-* int8-block: the same int8 weights, stored in blocks with one scale per ``block_size`` inputs
-  (``MatMulNBits`` at 8 bits, encoder and decoder). Activations are quantized inside the kernel
-  per row and block, so it is batch-invariant too, but its 8-bit kernel is slower than
-  int8-dynamic's on many rows (a ViT encoder's 197 tokens, batched decoder steps); the numbers
-  are in benchmarks/results/*invariance*.
+* int8-block: the decoder's MatMul weights as 8-bit blocks (``MatMulNBits``, symmetric, one
+  scale per ``block_size`` inputs), the encoder as in int8-dynamic. The 8-bit kernel quantizes
+  activations per row and block inside itself, so the decoder needs no calibration to be
+  batch-invariant (at the default block sizes, see ``BIT_EXACT_8BIT_BLOCK``). It is slower than
+  int8-dynamic's calibrated integer matmul with many rows per step and only a little faster at
+  one row (docs/quantization.md). The encoder is int8-dynamic's: its many rows per image are exactly
+  where that kernel wins.
 * int8-static: weights and activations int8 (QDQ), scales calibrated on a folder of images
   (encoder) and on the decoder steps those images produce; deterministic for a fixed set.
 * int4: the decoder's MatMul weights as 4-bit blocks (``MatMulNBits``, symmetric, one scale per
@@ -44,29 +46,36 @@ log = logging.getLogger("edgecap.export")
 
 MODES = ("none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16")
 BLOCK_MODES = {"int4": 4, "int8-block": 8}  # MatMulNBits modes and their bits per weight
+CALIBRATED_ENCODER_MODES = ("int8-dynamic", "int8-block")  # modes whose encoder can calibrate
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # the MatMulNBits block sizes ONNX Runtime supports
+# ONNX Runtime's 8-bit kernel handles rows in pairs; with blocks of 128 or 256 inputs a leftover
+# odd row takes a one-row path that sums in another order, so a row's result would depend on its
+# batch. Up to 64 both paths agree bit for bit (tests/test_quantize.py checks it on this CPU).
+BIT_EXACT_8BIT_BLOCK = 64
 
 
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
                     calibration_count: int = 64, exclude_nodes: tuple[str, ...] = (),
-                    quantize_encoder: bool = True, block_size: int = 128,
+                    quantize_encoder: bool = True, block_size: int | None = None,
                     calibrate_encoder: bool | None = None) -> Manifest:
     """Write a ``mode`` version of the fp32 export ``src`` into ``out`` (may equal ``src``).
 
     Args:
-        calibration: int8-static (required) and int8-dynamic (optional: calibrated decoder
-            activation scales): a folder of representative images.
-        block_size: int4 and int8-block: weights per scale along the input dimension.
+        calibration: int8-static (required); int8-dynamic and int8-block (optional): a folder
+            of representative images that fixes the encoder's activation scales (and
+            int8-dynamic's decoder's) instead of scaling each row on its own.
+        block_size: int4 and int8-block: weights per scale along the input dimension; default
+            ``default_block_size``.
         exclude_nodes: node names (or name prefixes) kept in float, e.g. "/MatMul_LM" for the head.
         quantize_encoder: False keeps the encoder graph in fp32 (quantize only the decoder).
-        calibrate_encoder: int8-dynamic with ``calibration``: fixed calibrated activation
-            scales in the encoder too (the default then: the fastest invariant format), or
-            False for per-row encoder scales. Without ``calibration`` the encoder is per row.
+        calibrate_encoder: int8-dynamic or int8-block with ``calibration``: fixed calibrated
+            activation scales in the encoder (the default then: the fastest invariant format),
+            or False for per-row encoder scales. Without ``calibration`` the encoder is per row.
     """
     if calibrate_encoder is None:
-        calibrate_encoder = mode == "int8-dynamic" and calibration is not None
+        calibrate_encoder = mode in CALIBRATED_ENCODER_MODES and calibration is not None
     src, out = Path(src), Path(out)
-    manifest = _checked_source(src, mode, calibration, calibrate_encoder, block_size)
+    manifest, block_size = _checked_source(src, mode, calibration, calibrate_encoder, block_size)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         encoder_in, decoder_in = src / manifest.encoder_file, src / manifest.decoder_file
@@ -85,7 +94,7 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
         result = dataclasses.replace(manifest, quantization=info, encoder_file="encoder.onnx",
                                      decoder_file="decoder.onnx")
         result.write(staging)
-        if mode in ("int8-dynamic", "int4"):
+        if mode in ("int8-dynamic", "int8-block", "int4"):
             result = _batch_invariant(staging, mode, calibration, calibration_count,
                                       calibrate_encoder)
         out.mkdir(parents=True, exist_ok=True)
@@ -96,30 +105,27 @@ def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration:
 
 
 def _checked_source(src: Path, mode: str, calibration: Path | None, calibrate_encoder: bool,
-                    block_size: int) -> Manifest:
-    """The manifest of ``src``; ValueError (saying what to change) for a request that cannot
-    be met."""
-    if calibrate_encoder and (mode != "int8-dynamic" or calibration is None):
-        raise ValueError("calibrate_encoder needs mode int8-dynamic and a calibration folder")
+                    block_size: int | None) -> tuple[Manifest, int | None]:
+    """The manifest of ``src`` and the block size to use (``default_block_size`` if None);
+    ValueError (saying what to change) for a request that cannot be met."""
+    if calibrate_encoder and (mode not in CALIBRATED_ENCODER_MODES or calibration is None):
+        raise ValueError("calibrate_encoder needs mode int8-dynamic or int8-block and a "
+                         "calibration folder")
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
-    if mode in BLOCK_MODES and block_size not in BLOCK_SIZES:
-        raise ValueError(f"{mode} block size {block_size} unsupported; choose from {BLOCK_SIZES}")
     manifest = Manifest.read(src)
-    width = manifest.num_heads * manifest.head_dim
-    if mode in BLOCK_MODES and width % block_size:
-        # Padded blocks would waste space and the tied embedding could not share the head's rows.
-        fitting = max(b for b in BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
-        hint = f"; use --block-size {fitting}" if fitting else ""
-        raise ValueError(f"{mode} block size {block_size} does not divide the decoder width {width}{hint}")
+    if mode in BLOCK_MODES:
+        width = manifest.num_heads * manifest.head_dim
+        block_size = block_size or default_block_size(mode, width)
+        check_block_size(mode, block_size, width)
     if manifest.quantization.get("mode", "none") != "none":
         raise ValueError(f"{src} is already quantized ({manifest.quantization['mode']}); start from fp32")
-    return manifest
+    return manifest, block_size
 
 
 def _write_graphs(src: Path, encoder_in: Path, decoder_in: Path, staging: Path, mode: str, *,
                   calibration: Path | None, calibration_count: int,
-                  exclude_nodes: tuple[str, ...], quantize_encoder: bool, block_size: int) -> dict:
+                  exclude_nodes: tuple[str, ...], quantize_encoder: bool, block_size: int | None) -> dict:
     """Write the ``mode`` versions of the export ``src``'s two graphs into ``staging``.
 
     Returns:
@@ -137,10 +143,9 @@ def _write_graphs(src: Path, encoder_in: Path, decoder_in: Path, staging: Path, 
     elif mode in BLOCK_MODES:
         info["session_config"] = {"session.disable_quant_qdq": "1"}
         info["block_size"] = block_size
-        if mode == "int4":  # int4 is decoder-only; its encoder is int8-dynamic
-            _dynamic(encoder_in, encoder_out, exclude_nodes, quantize_encoder)
-        else:
-            _nbits(encoder_in, encoder_out, exclude_nodes, block_size, 8, quantize_encoder)
+        # The encoder is int8-dynamic's: a vision encoder's many rows per image run faster in
+        # its integer matmul than in the block kernel.
+        _dynamic(encoder_in, encoder_out, exclude_nodes, quantize_encoder)
         _nbits(decoder_in, decoder_out, exclude_nodes, block_size, BLOCK_MODES[mode])
     elif mode == "int8-static":
         from .calibration import calibration_readers
@@ -164,14 +169,36 @@ def _write_graphs(src: Path, encoder_in: Path, decoder_in: Path, staging: Path, 
 
 def _batch_invariant(staging: Path, mode: str, calibration: Path | None, count: int,
                      calibrate_encoder: bool = False) -> Manifest:
-    """No activation scale may span two rows of a batch (see batch_invariant.py): per-row
-    encoder; for int8-dynamic a calibrated decoder when a calibration folder is given (as fast
-    as the dynamic kernel), otherwise per-row (no data needed, slower at one row)."""
+    """No activation scale may span two rows of a batch (see batch_invariant.py): the encoder
+    per row or calibrated; int8-dynamic's decoder calibrated when a calibration folder is given
+    (as fast as the dynamic kernel), otherwise per row; block decoders quantize per row in their
+    kernel already."""
     from .batch_invariant import make_batch_invariant
 
-    images = calibration_images(calibration, count) if mode == "int8-dynamic" and calibration else None
+    wants_images = mode == "int8-dynamic" or calibrate_encoder
+    images = calibration_images(calibration, count) if wants_images and calibration else None
     make_batch_invariant(staging, images, calibrate_encoder)
     return Manifest.read(staging)
+
+
+def default_block_size(mode: str, width: int) -> int:
+    """The largest supported block that divides the decoder width, up to 128 for int4 (ONNX
+    Runtime's own default) and up to ``BIT_EXACT_8BIT_BLOCK`` for int8-block; 128 (and so an
+    error) when none divides it."""
+    limit = BIT_EXACT_8BIT_BLOCK if mode == "int8-block" else 128
+    fitting = [b for b in BLOCK_SIZES if width % b == 0 and b <= limit]
+    return max(fitting) if fitting else 128
+
+
+def check_block_size(mode: str, block_size: int, width: int) -> None:
+    """Raises ValueError for a block size the kernel lacks or one that does not divide the width."""
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"{mode} block size {block_size} unsupported; choose from {BLOCK_SIZES}")
+    if width % block_size:
+        # Padded blocks would waste space and the tied embedding could not share the head's rows.
+        fitting = max(b for b in BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
+        hint = f"; use --block-size {fitting}" if fitting else ""
+        raise ValueError(f"{mode} block size {block_size} does not divide the decoder width {width}{hint}")
 
 
 def _size(path: Path) -> int:
