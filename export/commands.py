@@ -154,9 +154,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser, decoder_graph: bool 
                         "docs/quantization.md) or int4 (decoder weights in 4-bit blocks: "
                         "fastest greedy decoding, check quality with quality-report)")
     parser.add_argument("--block-size", type=int, default=None,
-                        help="int4 and int8-block: weights sharing one scale (16..256, power of 2; "
-                        "default: the largest that divides the decoder width, up to 128 for "
-                        "int4, ONNX Runtime's own default, and 256 for int8-block)")
+                        help="int4 and int8-block: weights sharing one scale (a power of 2 that "
+                        "divides the decoder width; default: the largest at which a caption "
+                        "never depends on its batch, see docs/quantization.md)")
     parser.add_argument("--calibration", type=Path,
                         help="folder of representative images: int8-static needs it; int8-dynamic "
                         "and int8-block use it to fix the encoder's (and int8-dynamic's "
@@ -171,7 +171,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser, decoder_graph: bool 
                         help="images used for calibration (default 64, sorted by name)")
     parser.add_argument("--keep-float", action="append", default=[], metavar="NODE",
                         help="keep these nodes in float: 'lm_head' or a node-name prefix "
-                        "(repeatable; default: quantize every MatMul, measured within 2%% CIDEr)")
+                        "(repeatable; default: quantize every MatMul; docs/quantization.md)")
 
 
 def run_train(args: argparse.Namespace) -> int:

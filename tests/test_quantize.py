@@ -136,11 +136,11 @@ def test_int4_gathers_tokens_from_the_heads_packed_matrix(tiny_export, tmp_path)
 
 
 def test_block_size_defaults_to_the_largest_that_divides_the_width(tiny_export, tmp_path):
-    """Width 32: int8-block and int4 both take 32-wide blocks; at GPT-2's 768, int8-block takes
-    64 (the longest blocks its kernel sums alike in any batch) and int4 ORT's default 128."""
+    """Width 32: int8-block and int4 both take 32-wide blocks; at GPT-2's 768, each takes the
+    longest block its kernel sums alike in any batch: 64 for 8 bits, 32 for 4."""
     from edgecap.export.quantize.variants import default_block_size
 
-    assert (default_block_size("int8-block", 768), default_block_size("int4", 768)) == (64, 128)
+    assert (default_block_size("int8-block", 768), default_block_size("int4", 768)) == (64, 32)
     assert default_block_size("int8-block", 384) == 64 and default_block_size("int4", 48) == 16
     manifest = quantize_export(tiny_export, tmp_path / "q", mode="int8-block")
     assert manifest.quantization["block_size"] == 32
@@ -186,10 +186,11 @@ def test_lm_head_can_stay_float(tiny_export, tmp_path, flickr_images):
     assert Captioner(out).caption(flickr_images[0]).token_ids
 
 
-def test_8bit_block_kernel_gives_a_row_the_same_result_in_any_batch():
-    """The block size int8-block picks for a GPT-2-wide decoder is one where ONNX Runtime's 8-bit
+@pytest.mark.parametrize(("mode", "bits"), [("int8-block", 8), ("int4", 4)])
+def test_block_kernel_gives_a_row_the_same_result_in_any_batch(mode, bits):
+    """The block size each block mode picks for a GPT-2-wide decoder is one where ONNX Runtime's
     kernel treats a row alone, in a pair, or left over at the end of an odd batch bit for bit
-    alike (at 128 or 256 the leftover row is summed in another order on AVX512-VNNI CPUs)."""
+    alike (with longer blocks the leftover row is summed in another order on AVX512-VNNI CPUs)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -198,12 +199,12 @@ def test_8bit_block_kernel_gives_a_row_the_same_result_in_any_batch():
     from edgecap.export.quantize.variants import default_block_size
 
     k, n = 768, 320
-    block = default_block_size("int8-block", k)
+    block = default_block_size(mode, k)
     rng = np.random.default_rng(0)
-    packed = rng.integers(0, 256, (n, k // block, block), dtype=np.uint8)
+    packed = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
     scales = rng.uniform(1e-3, 1e-2, n * (k // block)).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n,
-                            bits=8, block_size=block, accuracy_level=4)
+                            bits=bits, block_size=block, accuracy_level=4)
     graph = helper.make_graph(
         [node], "block8", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", k])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],

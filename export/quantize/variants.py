@@ -10,7 +10,7 @@ int4 and fp16.
 * int8-block: the decoder's MatMul weights as 8-bit blocks (``MatMulNBits``, symmetric, one
   scale per ``block_size`` inputs), the encoder as in int8-dynamic. The 8-bit kernel quantizes
   activations per row and block inside itself, so the decoder needs no calibration to be
-  batch-invariant (at the default block sizes, see ``BIT_EXACT_8BIT_BLOCK``). It is slower than
+  batch-invariant (at the default block sizes, see ``BIT_EXACT_BLOCK``). It is slower than
   int8-dynamic's calibrated integer matmul with many rows per step and only a little faster at
   one row (docs/quantization.md). The encoder is int8-dynamic's: its many rows per image are exactly
   where that kernel wins.
@@ -48,10 +48,10 @@ MODES = ("none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16")
 BLOCK_MODES = {"int4": 4, "int8-block": 8}  # MatMulNBits modes and their bits per weight
 CALIBRATED_ENCODER_MODES = ("int8-dynamic", "int8-block")  # modes whose encoder can calibrate
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # the MatMulNBits block sizes ONNX Runtime supports
-# ONNX Runtime's 8-bit kernel handles rows in pairs; with blocks of 128 or 256 inputs a leftover
-# odd row takes a one-row path that sums in another order, so a row's result would depend on its
-# batch. Up to 64 both paths agree bit for bit (tests/test_quantize.py checks it on this CPU).
-BIT_EXACT_8BIT_BLOCK = 64
+# ONNX Runtime's block kernels handle rows in pairs; with long blocks a leftover odd row takes a
+# one-row path that sums in another order, so a row's result would depend on its batch. Up to
+# these block sizes both paths agree bit for bit (tests/test_quantize.py checks it on this CPU).
+BIT_EXACT_BLOCK = {"int8-block": 64, "int4": 32}
 
 
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
@@ -182,12 +182,12 @@ def _batch_invariant(staging: Path, mode: str, calibration: Path | None, count: 
 
 
 def default_block_size(mode: str, width: int) -> int:
-    """The largest supported block that divides the decoder width, up to 128 for int4 (ONNX
-    Runtime's own default) and up to ``BIT_EXACT_8BIT_BLOCK`` for int8-block; 128 (and so an
-    error) when none divides it."""
-    limit = BIT_EXACT_8BIT_BLOCK if mode == "int8-block" else 128
+    """The largest supported block that divides the decoder width, up to the mode's
+    ``BIT_EXACT_BLOCK`` so that a caption never depends on its batch; the mode's limit (and so
+    an error) when none divides it."""
+    limit = BIT_EXACT_BLOCK[mode]
     fitting = [b for b in BLOCK_SIZES if width % b == 0 and b <= limit]
-    return max(fitting) if fitting else 128
+    return max(fitting) if fitting else limit
 
 
 def check_block_size(mode: str, block_size: int, width: int) -> None:
