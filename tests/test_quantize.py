@@ -186,6 +186,15 @@ def test_lm_head_can_stay_float(tiny_export, tmp_path, flickr_images):
     assert Captioner(out).caption(flickr_images[0]).token_ids
 
 
+def test_a_manifest_says_batch_invariant_only_up_to_the_bit_exact_block():
+    from edgecap.export.quantize.batch_invariant import bit_exact_block
+
+    assert bit_exact_block({"mode": "int4", "block_size": 32})
+    assert not bit_exact_block({"mode": "int4", "block_size": 128})
+    assert bit_exact_block({"mode": "int8-block", "block_size": 64})
+    assert not bit_exact_block({"mode": "int8-block", "block_size": 256})
+
+
 @pytest.mark.parametrize(("mode", "bits"), [("int8-block", 8), ("int4", 4)])
 def test_block_kernel_gives_a_row_the_same_result_in_any_batch(mode, bits):
     """The block size each block mode picks for a GPT-2-wide decoder is one where ONNX Runtime's

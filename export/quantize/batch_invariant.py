@@ -35,6 +35,10 @@ from onnx import helper, numpy_helper
 from edgecap.manifest import Manifest
 
 log = logging.getLogger("edgecap.export")
+# ONNX Runtime's block kernels handle rows in pairs; with long blocks a leftover odd row takes a
+# one-row path that sums in another order, so a row's result would depend on its batch. Up to
+# these block sizes both paths agree bit for bit (tests/test_quantize.py checks it on this CPU).
+BIT_EXACT_BLOCK = {"int8-block": 64, "int4": 32}
 
 CALIBRATION_BEAMS = (1, 3)  # greedy and beam steps both shape the decoder's activation ranges
 ROW_EPSILON = 1e-30  # an all-zero row quantizes to zeros instead of dividing by zero
@@ -339,9 +343,12 @@ def make_batch_invariant(
         onnx.save(encoder, str(encoder_path))
     decoder_path = export_dir / manifest.decoder_file
     decoder = onnx.load(str(decoder_path))
+    invariant = True
     if not dynamic_groups(decoder.graph):
-        # int4 / int8-block: MatMulNBits quantizes activations per row inside the kernel.
+        # int4 / int8-block: MatMulNBits quantizes activations per row inside the kernel, and
+        # gives a row the same bits in any batch only up to the mode's bit-exact block.
         record["decoder"] = "in-kernel"
+        invariant = bit_exact_block(manifest.quantization)
     elif calibration_images:
         ranges = activation_ranges(export_dir, calibration_images)  # with the new encoder
         calibrated_activations(decoder, ranges)
@@ -350,11 +357,17 @@ def make_batch_invariant(
     else:
         per_row_activations(decoder)
     onnx.save(decoder, str(decoder_path))
-    quantization = dict(manifest.quantization, activations=record, batch_invariant=True)
+    quantization = dict(manifest.quantization, activations=record, batch_invariant=invariant)
     quantization["bytes"] = encoder_path.stat().st_size + decoder_path.stat().st_size
     dataclasses.replace(manifest, quantization=quantization).write(export_dir)
     log.info("batch-invariant activations: %s", record)
     return record
+
+
+def bit_exact_block(quantization: dict) -> bool:
+    """Whether a block mode's block size is one its kernel sums alike for a row in any batch."""
+    block = quantization.get("block_size")
+    return block is not None and block <= BIT_EXACT_BLOCK.get(quantization.get("mode"), 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import onnx
 from edgecap.manifest import Manifest
 from onnx import helper, numpy_helper
 
+from .batch_invariant import BIT_EXACT_BLOCK
 from .calibration import calibration_images
 
 log = logging.getLogger("edgecap.export")
@@ -48,10 +49,6 @@ MODES = ("none", "int8-dynamic", "int8-block", "int8-static", "int4", "fp16")
 BLOCK_MODES = {"int4": 4, "int8-block": 8}  # MatMulNBits modes and their bits per weight
 CALIBRATED_ENCODER_MODES = ("int8-dynamic", "int8-block")  # modes whose encoder can calibrate
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # the MatMulNBits block sizes ONNX Runtime supports
-# ONNX Runtime's block kernels handle rows in pairs; with long blocks a leftover odd row takes a
-# one-row path that sums in another order, so a row's result would depend on its batch. Up to
-# these block sizes both paths agree bit for bit (tests/test_quantize.py checks it on this CPU).
-BIT_EXACT_BLOCK = {"int8-block": 64, "int4": 32}
 
 
 def quantize_export(src: str | Path, out: str | Path, *, mode: str, calibration: Path | None = None,
