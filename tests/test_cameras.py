@@ -432,3 +432,31 @@ def test_a_lane_that_finishes_sooner_favours_no_camera(photos, tmp_path, cameras
                     served[feed.options.camera] += 1
                 held[lane] = (tick + (2 if lane == 0 else 1), work)
     assert max(served.values()) - min(served.values()) <= scheduler.share, served
+
+
+def test_a_failing_group_loses_no_other_cameras_record(tiny_export, videos):
+    """Cameras with different options share a lane's batch; when one options group fails, the
+    captions the other groups made (their cameras already moved on) still come out, then the
+    error."""
+    from edgecap import Captioner
+    from edgecap.watch.cameras import watch_cameras
+    from edgecap.watch.sources import open_source
+    from edgecap.watch.stream import CameraFeed, WatchOptions
+
+    class BeamsFail(Captioner):
+        def caption_grouped(self, items, admit=None):
+            for members, outcome in super().caption_grouped(items, admit):
+                yield members, (RuntimeError("beam group failed")
+                                if members[0].options.num_beams == 2 else outcome)
+
+    captioner = BeamsFail(tiny_export, cpu_threads=1)
+    stop, ready = threading.Event(), threading.Event()
+    options = [captioner.options(), captioner.options(num_beams=2)]
+    feeds = [CameraFeed(open_source(str(videos[name])), WatchOptions(camera=name, heartbeat_s=0.01),
+                        generation, stop, ready)
+             for name, generation in zip(CAMERAS[:2], options)]
+    got = []
+    with pytest.raises(RuntimeError, match="beam group failed"):
+        for record in watch_cameras(feeds, captioner, stop, ready, max_batch=2, lanes=1):
+            got.append(record)
+    assert got and {record.camera for record in got} == {CAMERAS[0]}

@@ -150,7 +150,16 @@ def test_int4_block_must_divide_the_width(tiny_export, tmp_path):
     with pytest.raises(ValueError, match="block size 128 does not divide the decoder width 32; "
                                          "use --block-size 32"):
         quantize_export(tiny_export, tmp_path / "q", mode="int4", block_size=128)
+    with pytest.raises(ValueError, match="block size 0 unsupported"):  # 0 is no default
+        quantize_export(tiny_export, tmp_path / "q", mode="int4", block_size=0)
     assert not (tmp_path / "q").exists()
+
+
+def test_the_block_size_hint_is_a_batch_invariant_block():
+    from edgecap.export.quantize.variants import check_block_size
+
+    with pytest.raises(ValueError, match="use --block-size 32$"):
+        check_block_size("int4", 256, 384)  # 128 divides 384 too, but int4 sums it batch-wise
 
 
 def test_static_calibration_is_deterministic(tiny_export, tmp_path, calibration_dir):

@@ -113,7 +113,7 @@ def _checked_source(src: Path, mode: str, calibration: Path | None, calibrate_en
     manifest = Manifest.read(src)
     if mode in BLOCK_MODES:
         width = manifest.num_heads * manifest.head_dim
-        block_size = block_size or default_block_size(mode, width)
+        block_size = default_block_size(mode, width) if block_size is None else block_size
         check_block_size(mode, block_size, width)
     if manifest.quantization.get("mode", "none") != "none":
         raise ValueError(f"{src} is already quantized ({manifest.quantization['mode']}); start from fp32")
@@ -193,7 +193,8 @@ def check_block_size(mode: str, block_size: int, width: int) -> None:
         raise ValueError(f"{mode} block size {block_size} unsupported; choose from {BLOCK_SIZES}")
     if width % block_size:
         # Padded blocks would waste space and the tied embedding could not share the head's rows.
-        fitting = max(b for b in BLOCK_SIZES if width % b == 0) if width % 16 == 0 else None
+        # The hint stays within the mode's bit-exact blocks: a caption never depends on its batch.
+        fitting = default_block_size(mode, width) if width % min(BLOCK_SIZES) == 0 else None
         hint = f"; use --block-size {fitting}" if fitting else ""
         raise ValueError(f"{mode} block size {block_size} does not divide the decoder width {width}{hint}")
 

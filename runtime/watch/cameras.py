@@ -104,18 +104,32 @@ def _lane(index: int, scheduler: Scheduler, captioner, out: queue.Queue, stop: t
             ready.set()  # frames may be left that this lane's share did not cover: wake the rest
             began = time.perf_counter()
             try:
-                records = list(caption_chosen(captioner, [picked for _, picked in work]))
+                records, failure = _caption_work(captioner, work)
                 if stats is not None:
                     stats.add(index, len(work), time.perf_counter() - began)
                 # The cameras stay this lane's until their records are out, so another lane's
                 # next caption of the same camera can never be handed out before them.
                 if not _hand_out(records, out, left):
                     return
+                if failure is not None:
+                    raise failure
             finally:
                 scheduler.release(work)
     except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer's thread
         errors.append(exc)
         stop.set()
+
+
+def _caption_work(captioner, work: Work) -> tuple[list[CaptionRecord], Exception | None]:
+    """The records of the work's captions, and the error of a group that failed: the groups
+    captioned before it moved their cameras on, so their records must still go out."""
+    records: list[CaptionRecord] = []
+    try:
+        for record in caption_chosen(captioner, [picked for _, picked in work]):
+            records.append(record)
+    except Exception as exc:  # noqa: BLE001 - raised by the lane once the records are out
+        return records, exc
+    return records, None
 
 
 def _hand_out(records: list[CaptionRecord], out: queue.Queue, left: threading.Event) -> bool:
