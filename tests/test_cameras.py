@@ -434,13 +434,13 @@ def test_a_lane_that_finishes_sooner_favours_no_camera(photos, tmp_path, cameras
     assert max(served.values()) - min(served.values()) <= scheduler.share, served
 
 
-def test_a_failing_group_loses_no_other_cameras_record(tiny_export, videos):
+def test_a_failing_group_loses_no_other_cameras_record(tiny_export, photos, tmp_path):
     """Cameras with different options share a lane's batch; when one options group fails, the
-    captions the other groups made (their cameras already moved on) still come out, then the
-    error."""
+    records the groups before it made (their cameras already moved on) still come out, with the
+    error for the lane to raise after them."""
     from edgecap import Captioner
-    from edgecap.watch.cameras import watch_cameras
-    from edgecap.watch.sources import open_source
+    from edgecap.watch.cameras import Scheduler, _caption_work
+    from edgecap.watch.sources import FolderSource
     from edgecap.watch.stream import CameraFeed, WatchOptions
 
     class BeamsFail(Captioner):
@@ -450,13 +450,15 @@ def test_a_failing_group_loses_no_other_cameras_record(tiny_export, videos):
                                 if members[0].options.num_beams == 2 else outcome)
 
     captioner = BeamsFail(tiny_export, cpu_threads=1)
-    stop, ready = threading.Event(), threading.Event()
-    options = [captioner.options(), captioner.options(num_beams=2)]
-    feeds = [CameraFeed(open_source(str(videos[name])), WatchOptions(camera=name, heartbeat_s=0.01),
-                        generation, stop, ready)
-             for name, generation in zip(CAMERAS[:2], options)]
-    got = []
-    with pytest.raises(RuntimeError, match="beam group failed"):
-        for record in watch_cameras(feeds, captioner, stop, ready, max_batch=2, lanes=1):
-            got.append(record)
-    assert got and {record.camera for record in got} == {CAMERAS[0]}
+    stop = threading.Event()
+    feeds = []
+    for camera, generation in enumerate([captioner.options(), captioner.options(num_beams=2)]):
+        (tmp_path / f"cam{camera}").mkdir()
+        feeds.append(CameraFeed(FolderSource(str(tmp_path / f"cam{camera}")),
+                                WatchOptions(camera=f"cam{camera}"), generation, stop))
+    fill(feeds, photos, 0)
+    work = Scheduler(feeds, lanes=1, max_batch=2).take()
+    assert [feed.options.camera for feed, _ in work] == ["cam0", "cam1"]
+    records, failure = _caption_work(captioner, work)
+    assert isinstance(failure, RuntimeError)
+    assert [record.camera for record in records] == ["cam0"] and records[0].result.token_ids
