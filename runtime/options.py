@@ -213,10 +213,17 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                            metavar=option.schema.get("type", "VALUE").upper())
 
 
-def add_option_argument(parser, option: Option, default: Any = None) -> None:
-    """One option as a CLI flag: its spellings, parser, bounds and help (argparse or a group)."""
+def add_option_argument(parser, option: Option, default: Any = None,
+                        help_text: str | None = None) -> None:
+    """One option as a CLI flag: its spellings, parser, bounds and help (``help_text`` replaces
+    the option's own); a boolean one is a switch with its opposite (``--x`` / ``--no-x``)."""
+    text = option.help if help_text is None else help_text
+    if option.schema.get("type") == "boolean":
+        parser.add_argument(*option.cli_flags, dest=option.name, default=default,
+                            action=argparse.BooleanOptionalAction, help=text)
+        return
     parser.add_argument(*option.cli_flags, dest=option.name, type=argparse_type(option),
-                        default=default, choices=option.choices, help=option.help,
+                        default=default, choices=option.choices, help=text,
                         metavar=option.metavar)
 
 
@@ -228,14 +235,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, batch_size: int | 
         if option.name == "batch_size" and batch_size is None:
             continue
         default = batch_size if option.name == "batch_size" else option.default
-        extra = f" (default {default})" if default is not None else ""
-        if option.schema["type"] == "boolean":  # a switch: --exact-preprocessing / --no-...
-            group.add_argument(*option.cli_flags, dest=option.name, default=default,
-                               action=argparse.BooleanOptionalAction, help=option.help)
-            continue
-        group.add_argument(*option.cli_flags, dest=option.name, type=argparse_type(option),
-                           default=default, choices=option.choices, help=option.help + extra,
-                           metavar=option.metavar)
+        switch = option.schema["type"] == "boolean"  # --x / --no-x say their default already
+        extra = f" (default {default})" if default is not None and not switch else ""
+        add_option_argument(group, option, default, option.help + extra)
 
 
 def runtime_from_args(args: argparse.Namespace) -> dict[str, Any]:
